@@ -1,0 +1,413 @@
+#include "attack.h"
+
+#include <algorithm>
+#include <chrono>
+#include <limits>
+#include <optional>
+#include <sstream>
+#include <stdexcept>
+
+#include "mlx/compile_impl.h"
+
+namespace mlx_robust {
+
+LossKind parse_loss(const std::string& loss) {
+  if (loss == "ce" || loss == "cross_entropy") {
+    return LossKind::CrossEntropy;
+  }
+  if (loss == "margin" || loss == "cw") {
+    return LossKind::Margin;
+  }
+  throw std::invalid_argument("[attack] loss must be 'ce' or 'margin', got '" + loss + "'");
+}
+
+mx::array attack_objective(const mx::array& logits, const mx::array& y, LossKind loss, bool targeted) {
+  auto z = mx::astype(logits, mx::float32);
+  auto yi = mx::expand_dims(mx::astype(y, mx::int32), -1);
+  auto zy = mx::squeeze(mx::take_along_axis(z, yi, -1), -1);
+  if (loss == LossKind::CrossEntropy) {
+    auto ce = mx::subtract(mx::logsumexp(z, -1), zy);
+    return targeted ? mx::negative(ce) : ce;
+  }
+  auto classes = mx::expand_dims(mx::arange(z.shape(-1), mx::int32), 0);
+  auto is_y = mx::equal(classes, yi);
+  auto other = mx::max(mx::where(is_y, mx::array(-std::numeric_limits<float>::infinity()), z), -1);
+  return targeted ? mx::subtract(zy, other) : mx::subtract(other, zy);
+}
+
+mx::array attack_success(const mx::array& logits, const mx::array& y, bool targeted) {
+  auto pred = mx::argmax(logits, -1);
+  auto yi = mx::astype(y, pred.dtype());
+  return targeted ? mx::equal(pred, yi) : mx::not_equal(pred, yi);
+}
+
+namespace {
+
+// Compiled-function input layout.
+enum Slot : int { X = 0, BX, BL, BS, BZ, X0, Y, EPS, ALPHA, LO, HI, NUM_SLOTS };
+
+struct Best {
+  mx::array x, loss, success, logits;
+};
+
+// Keep the first success; among failures keep the highest objective. NaN never replaces.
+Best keep_best(const Best& old, const Best& cand, int ndim) {
+  auto take_new = mx::logical_and(
+      mx::logical_not(old.success),
+      mx::logical_or(cand.success, mx::greater(cand.loss, old.loss)));
+  auto col = mx::expand_dims(take_new, -1);
+  return {
+      mx::where(per_sample(take_new, ndim), cand.x, old.x),
+      mx::where(take_new, cand.loss, old.loss),
+      mx::logical_or(old.success, cand.success),
+      mx::where(col, cand.logits, old.logits)};
+}
+
+struct Evaluated {
+  mx::array loss, success, logits;
+};
+
+Evaluated check_and_score(
+    const ForwardFn& forward,
+    const std::vector<mx::array>& params,
+    const mx::array& x,
+    const mx::array& y,
+    int num_classes,
+    const AttackConfig& cfg) {
+  auto logits = forward(params, x);
+  if (logits.ndim() != 2 || logits.shape(0) != x.shape(0) || logits.shape(1) != num_classes) {
+    std::ostringstream msg;
+    msg << "[attack] model output must have shape (" << x.shape(0) << ", " << num_classes
+        << ") for a batch of " << x.shape(0) << ", got " << logits.shape();
+    throw std::invalid_argument(msg.str());
+  }
+  if (!mx::issubdtype(logits.dtype(), mx::floating)) {
+    throw std::invalid_argument("[attack] model output must be floating point logits");
+  }
+  auto loss = attack_objective(logits, y, cfg.loss, cfg.targeted);
+  return {loss, attack_success(logits, y, cfg.targeted), mx::astype(logits, mx::float32)};
+}
+
+std::vector<mx::array> slice_params(const std::vector<mx::array>& in) {
+  return std::vector<mx::array>(in.begin() + NUM_SLOTS, in.end());
+}
+
+// k ascent steps; the best-so-far state travels through the compiled function.
+std::vector<mx::array> steps_fn(
+    const ForwardFn& forward,
+    const std::vector<mx::array>& in,
+    int k,
+    int num_classes,
+    const AttackConfig& cfg) {
+  auto params = slice_params(in);
+  const auto& y = in[Y];
+  auto x = in[X];
+  int nd = x.ndim();
+  Best best{in[BX], in[BL], in[BS], in[BZ]};
+  for (int j = 0; j < k; ++j) {
+    // Loss, success and logits ride along as values of the one forward pass (as mx.value_and_grad
+    // does with aux outputs); only the summed objective is differentiated.
+    std::optional<Evaluated> ev;
+    auto objective = [&](const std::vector<mx::array>& xs) -> std::vector<mx::array> {
+      ev = check_and_score(forward, params, xs[0], y, num_classes, cfg);
+      return {mx::sum(ev->loss)};
+    };
+    auto grads = mx::vjp(objective, {x}, {mx::array(1.0f)}).second;
+    Best cand{x, ev->loss, ev->success, ev->logits};
+    best = cfg.track_best ? keep_best(best, cand, nd) : cand;
+    x = project(ascent_step(x, grads[0], in[ALPHA], cfg.norm), in[X0], in[EPS], in[LO], in[HI], cfg.norm);
+  }
+  return {x, best.x, best.loss, best.success, best.logits};
+}
+
+// Score the last iterate and fold it into the best-so-far state.
+std::vector<mx::array> final_fn(
+    const ForwardFn& forward,
+    const std::vector<mx::array>& in,
+    int num_classes,
+    const AttackConfig& cfg) {
+  auto params = slice_params(in);
+  auto ev = check_and_score(forward, params, in[X], in[Y], num_classes, cfg);
+  Best cand{in[X], ev.loss, ev.success, ev.logits};
+  Best best{in[BX], in[BL], in[BS], in[BZ]};
+  best = cfg.track_best ? keep_best(best, cand, in[X].ndim()) : cand;
+  return {in[X], best.x, best.loss, best.success, best.logits};
+}
+
+int next_pow2(int n) {
+  int p = 1;
+  while (p < n) {
+    p <<= 1;
+  }
+  return p;
+}
+
+mx::array take_rows(const mx::array& a, const mx::array& idx) {
+  return mx::take(a, idx, 0);
+}
+
+} // namespace
+
+AttackEngine::~AttackEngine() {
+  clear();
+}
+
+void AttackEngine::clear() {
+  auto cache = mx::detail::compile_cache();
+  mx::detail::compile_erase(cache, step_id());
+  mx::detail::compile_erase(cache, eval_id());
+  std::lock_guard<std::mutex> lock(mutex_);
+  unroll_by_shape_.clear();
+}
+
+int AttackEngine::chosen_unroll(const mx::Shape& shape) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = unroll_by_shape_.find(std::vector<int>(shape.begin(), shape.end()));
+  return it == unroll_by_shape_.end() ? 0 : it->second;
+}
+
+AttackOutput AttackEngine::run(
+    const ForwardFn& forward,
+    const std::vector<mx::array>& params,
+    const mx::array& x0_in,
+    const mx::array& y_in,
+    const mx::array& eps_in,
+    const mx::array& step_size_in,
+    const mx::array& lo,
+    const mx::array& hi,
+    int num_classes,
+    const AttackConfig& cfg,
+    const mx::array& key) {
+  // Argument checks: the Python layer checks first, but this layer never trusts its caller.
+  if (x0_in.ndim() < 2 || x0_in.shape(0) < 1) {
+    throw std::invalid_argument("[attack] x must be a non-empty batch of rank >= 2");
+  }
+  if (!mx::issubdtype(x0_in.dtype(), mx::floating)) {
+    throw std::invalid_argument("[attack] x must be floating point");
+  }
+  const int n = x0_in.shape(0);
+  if (y_in.ndim() != 1 || y_in.shape(0) != n) {
+    throw std::invalid_argument("[attack] y must have shape (N,) matching x");
+  }
+  if (eps_in.ndim() != 1 || eps_in.shape(0) != n || step_size_in.ndim() != 1 ||
+      step_size_in.shape(0) != n) {
+    throw std::invalid_argument("[attack] eps and step_size must have shape (N,)");
+  }
+  if (num_classes < 1) {
+    throw std::invalid_argument("[attack] num_classes must be >= 1");
+  }
+  if (cfg.steps < 1 || cfg.restarts < 1) {
+    throw std::invalid_argument("[attack] steps and restarts must be >= 1");
+  }
+  if (cfg.early_stop && !cfg.track_best) {
+    throw std::invalid_argument("[attack] early_stop needs track_best (it would change the result)");
+  }
+  if (cfg.unroll < 0) {
+    throw std::invalid_argument("[attack] unroll must be >= 0");
+  }
+
+  auto x0 = mx::astype(x0_in, mx::float32);
+  auto y = mx::astype(y_in, mx::int32);
+  auto eps = mx::astype(eps_in, mx::float32);
+  auto alpha = mx::astype(step_size_in, mx::float32);
+  auto lo32 = mx::astype(lo, mx::float32);
+  auto hi32 = mx::astype(hi, mx::float32);
+  const int nd = x0.ndim();
+
+  // Configuration is part of the compile cache key; the model is tied to this engine's ids.
+  auto constants = [&](int k, int kind) {
+    return std::vector<uint64_t>{
+        static_cast<uint64_t>(kind), static_cast<uint64_t>(k),
+        static_cast<uint64_t>(cfg.norm), static_cast<uint64_t>(cfg.loss),
+        static_cast<uint64_t>(cfg.targeted), static_cast<uint64_t>(cfg.track_best),
+        static_cast<uint64_t>(num_classes)};
+  };
+  auto make_steps = [&](int k) {
+    auto fn = [this, &forward, k, num_classes, &cfg](const std::vector<mx::array>& in) {
+      traces_++;
+      return steps_fn(forward, in, k, num_classes, cfg);
+    };
+    return mx::detail::compile(fn, step_id(), false, constants(k, 0));
+  };
+  auto finish = mx::detail::compile(
+      [this, &forward, num_classes, &cfg](const std::vector<mx::array>& in) {
+        traces_++;
+        return final_fn(forward, in, num_classes, cfg);
+      },
+      eval_id(), false, constants(0, 1));
+
+  // Full-batch best state, merged into after every restart (and on every shrink).
+  Best full{x0, mx::full({n}, -std::numeric_limits<float>::infinity()), mx::zeros({n}, mx::bool_),
+            mx::zeros({n, num_classes}, mx::float32)};
+  auto restart_keys = mx::random::split(key, cfg.restarts);
+
+  int unroll = cfg.unroll;
+  if (unroll == 0) {
+    unroll = chosen_unroll(x0.shape());
+  }
+  bool measure = unroll == 0;  // first call for this shape: time one step, then choose
+
+  try {
+    for (int r = 0; r < cfg.restarts; ++r) {
+      // Active set: every sample, or those not yet successful.
+      std::vector<int> active;
+      if (cfg.early_stop && r > 0) {
+        mx::eval(full.success);
+        auto s = full.success.data<bool>();
+        for (int i = 0; i < n; ++i) {
+          if (!s[i]) {
+            active.push_back(i);
+          }
+        }
+        if (active.empty()) {
+          break;
+        }
+      } else {
+        for (int i = 0; i < n; ++i) {
+          active.push_back(i);
+        }
+      }
+
+      auto rkey = mx::take(restart_keys, r, 0);
+      auto start_all = cfg.random_start ? random_start(x0, eps, lo32, hi32, cfg.norm, rkey) : x0;
+
+      // Working batch: the active samples, padded with copies to a power of two so that a
+      // shrinking batch retraces at most log2(N) times.
+      std::vector<int> rows;
+      mx::array idx(0);
+      std::vector<mx::array> state;  // x, bx, bl, bs, bz
+      std::vector<mx::array> fixed;  // x0, y, eps, alpha, lo, hi
+      auto gather = [&](const std::vector<mx::array>& from_state, bool fresh) {
+        int size = active.size() == static_cast<size_t>(n) ? n : std::min(n, next_pow2(active.size()));
+        std::vector<int> new_rows(active);
+        while (static_cast<int>(new_rows.size()) < size) {
+          new_rows.push_back(active[0]);
+        }
+        auto new_idx = mx::array(new_rows.data(), {size}, mx::int32);
+        if (fresh) {
+          // A new restart competes from scratch; the merge below keeps the earlier best.
+          auto start = take_rows(start_all, new_idx);
+          state = {start, start, mx::full({size}, -std::numeric_limits<float>::infinity()),
+                   mx::zeros({size}, mx::bool_), mx::zeros({size, num_classes}, mx::float32)};
+        } else {
+          // Map new rows to their position in the old working batch.
+          std::vector<int> pos_of(n, -1);
+          for (int p = static_cast<int>(rows.size()) - 1; p >= 0; --p) {
+            pos_of[rows[p]] = p;
+          }
+          std::vector<int> sel;
+          for (int i : new_rows) {
+            sel.push_back(pos_of[i]);
+          }
+          auto sel_idx = mx::array(sel.data(), {size}, mx::int32);
+          std::vector<mx::array> s;
+          for (auto& a : from_state) {
+            s.push_back(take_rows(a, sel_idx));
+          }
+          state = s;
+        }
+        fixed = {take_rows(x0, new_idx), take_rows(y, new_idx), take_rows(eps, new_idx),
+                 take_rows(alpha, new_idx), lo32, hi32};
+        rows = new_rows;
+        idx = new_idx;
+      };
+      gather({}, true);
+
+      auto inputs_of = [&](const std::vector<mx::array>& st) {
+        std::vector<mx::array> in(st);
+        in.insert(in.end(), fixed.begin(), fixed.end());
+        in.insert(in.end(), params.begin(), params.end());
+        return in;
+      };
+      auto run_chunk = [&](int k) {
+        state = make_steps(k)(inputs_of(state));
+        mx::async_eval(state);
+      };
+
+      // Merge the working batch's best into the full arrays (first occurrence of each row).
+      auto flush = [&]() {
+        std::vector<int> pos(n, 0);
+        std::vector<uint8_t> present(n, 0);
+        for (int p = static_cast<int>(active.size()) - 1; p >= 0; --p) {
+          pos[active[p]] = p;
+          present[active[p]] = 1;
+        }
+        auto pos_idx = mx::array(pos.data(), {n}, mx::int32);
+        auto mask = mx::astype(mx::array(present.begin(), {n}, mx::uint8), mx::bool_);
+        // Rows absent from the working batch compete with -inf and no success: they never win.
+        Best cand{take_rows(state[1], pos_idx),
+                  mx::where(mask, take_rows(state[2], pos_idx),
+                            mx::array(-std::numeric_limits<float>::infinity())),
+                  mx::logical_and(take_rows(state[3], pos_idx), mask),
+                  take_rows(state[4], pos_idx)};
+        full = cfg.track_best ? keep_best(full, cand, nd) : cand;
+        mx::eval({full.x, full.loss, full.success, full.logits});
+      };
+
+      int done = 0;
+      if (measure) {
+        // One step to trace and compile, one timed step; unroll deep only where steps are cheap
+        // (host-bound), since unrolling slows compute-bound models (ARCHITECTURE §2).
+        run_chunk(1);
+        mx::eval(state);
+        done = 1;
+        double ms = 1e9;
+        if (done < cfg.steps) {
+          auto t0 = std::chrono::steady_clock::now();
+          run_chunk(1);
+          mx::eval(state);
+          ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+          done = 2;
+          unroll = ms < 2.0 ? 10 : (ms < 6.0 ? 4 : 1);
+          std::lock_guard<std::mutex> lock(mutex_);
+          unroll_by_shape_[std::vector<int>(x0.shape().begin(), x0.shape().end())] = unroll;
+        } else {
+          unroll = 1;
+        }
+        measure = false;
+      }
+
+      std::vector<bool> succ_seen;
+      while (done < cfg.steps) {
+        int k = std::min(unroll, cfg.steps - done);
+        auto prev_success = state[3];
+        run_chunk(k);
+        done += k;
+        if (cfg.early_stop && done < cfg.steps) {
+          // Successes known one chunk ago (the new chunk is already queued behind them).
+          mx::eval(prev_success);
+          auto s = prev_success.data<bool>();
+          std::vector<int> still;
+          for (size_t p = 0; p < active.size(); ++p) {
+            if (!s[p]) {
+              still.push_back(active[p]);
+            }
+          }
+          if (still.empty()) {
+            break;
+          }
+          int size = static_cast<int>(rows.size());
+          if (static_cast<int>(still.size()) * 2 <= size) {
+            flush();  // the leaving rows' results live only in the working batch
+            active = still;
+            gather(state, false);
+          }
+        }
+      }
+      state = finish(inputs_of(state));
+      flush();
+      mx::eval({full.x, full.loss, full.success, full.logits});
+    }
+  } catch (...) {
+    // A failed trace can leave a half-built entry behind: drop this engine's compiled functions.
+    clear();
+    throw;
+  }
+
+  auto norms = batch_norm_of(mx::subtract(full.x, x0), cfg.norm);
+  auto x_adv = mx::astype(full.x, x0_in.dtype());
+  mx::eval({x_adv, norms});
+  return {x_adv, full.success, full.loss, full.logits, norms};
+}
+
+} // namespace mlx_robust

@@ -1,0 +1,112 @@
+// The compiled multi-step attack loop shared by every gradient attack (FGSM, PGD, ...).
+#pragma once
+
+#include <atomic>
+#include <functional>
+#include <map>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "mlx/mlx.h"
+#include "project.h"
+
+namespace mlx_robust {
+
+/** The model as a pure function of its flattened parameters and an input batch -> logits (N, C). */
+using ForwardFn = std::function<mx::array(const std::vector<mx::array>&, const mx::array&)>;
+
+enum class LossKind : int { CrossEntropy = 0, Margin = 1 };
+
+/** Parse "ce" / "margin"; throws on anything else. */
+LossKind parse_loss(const std::string& loss);
+
+/**
+ * Per-sample attack objective, to be maximised. Untargeted: CE(z, y) or max_{j!=y} z_j - z_y.
+ * Targeted (y holds the targets): -CE(z, y) or z_y - max_{j!=y} z_j.
+ */
+mx::array attack_objective(const mx::array& logits, const mx::array& y, LossKind loss, bool targeted);
+
+/** Per-sample success: argmax != y (untargeted) or argmax == y (targeted). */
+mx::array attack_success(const mx::array& logits, const mx::array& y, bool targeted);
+
+struct AttackConfig {
+  Norm norm = Norm::Linf;
+  LossKind loss = LossKind::CrossEntropy;
+  int steps = 10;
+  int restarts = 1;
+  bool random_start = true;
+  bool targeted = false;
+  /** Keep, per sample, the first successful iterate, else the highest-objective one.
+      false: return the last iterate (adversarial training). */
+  bool track_best = true;
+  /** Drop succeeded samples from the active batch (requires track_best; results unchanged). */
+  bool early_stop = false;
+  /** Steps per compiled call; 0 picks it by timing one step per input shape. */
+  int unroll = 0;
+};
+
+struct AttackOutput {
+  mx::array x_adv;
+  mx::array success;
+  mx::array loss;
+  mx::array logits;
+  mx::array norms;
+};
+
+/**
+ * Owns the compiled step functions of one model. Every gradient attack runs through `run`:
+ *
+ *   for each restart r (key r of split(key, restarts)):
+ *     x = random_start(x0) or x0
+ *     repeat `steps` times: g = d objective(f(x)) / dx; keep best; x = project(ascent_step(x, g))
+ *     evaluate f at the last x; keep best
+ *
+ * The step is traced once per input shape and configuration and compiled with `unroll` steps per
+ * call; model parameters are inputs of the compiled function, never captured constants.
+ */
+class AttackEngine {
+ public:
+  AttackEngine() = default;
+  ~AttackEngine();
+  AttackEngine(const AttackEngine&) = delete;
+  AttackEngine& operator=(const AttackEngine&) = delete;
+
+  AttackOutput run(
+      const ForwardFn& forward,
+      const std::vector<mx::array>& params,
+      const mx::array& x0,
+      const mx::array& y,
+      const mx::array& eps,
+      const mx::array& step_size,
+      const mx::array& lo,
+      const mx::array& hi,
+      int num_classes,
+      const AttackConfig& config,
+      const mx::array& key);
+
+  /** How many times the model function was traced (Python ran) since construction. */
+  int trace_count() const {
+    return traces_.load();
+  }
+
+  /** Unroll depth chosen for inputs of this shape, or 0 if none chosen yet. */
+  int chosen_unroll(const mx::Shape& shape) const;
+
+  /** Drop every compiled function of this engine (after the model's structure changed). */
+  void clear();
+
+ private:
+  std::uintptr_t step_id() const {
+    return reinterpret_cast<std::uintptr_t>(this);
+  }
+  std::uintptr_t eval_id() const {
+    return reinterpret_cast<std::uintptr_t>(this) + 1;
+  }
+
+  std::atomic<int> traces_{0};
+  mutable std::mutex mutex_;
+  std::map<std::vector<int>, int> unroll_by_shape_;
+};
+
+} // namespace mlx_robust

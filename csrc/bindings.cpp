@@ -1,0 +1,168 @@
+// Python bindings for mlx_robust._core: conversions and calls only.
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
+#include <nanobind/stl/vector.h>
+
+#include "attack.h"
+#include "project.h"
+#include "validate.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+using namespace mlx_robust;
+
+namespace {
+
+// Borrow the Python callable: the caller keeps it alive for the call, and nothing C++ stores
+// holds a reference to it, so no hidden cycle can keep the model alive.
+ForwardFn borrow_forward(nb::handle fn) {
+  return [fn](const std::vector<mx::array>& params, const mx::array& x) -> mx::array {
+    nb::gil_scoped_acquire gil;
+    nb::object out = fn(nb::cast(params), nb::cast(x));
+    mx::array* arr = nullptr;
+    if (!nb::try_cast<mx::array*>(out, arr) || arr == nullptr) {
+      throw std::invalid_argument(
+          std::string("[attack] the model must return an mx.array of logits, got ") +
+          nb::type_name(out.type()).c_str());
+    }
+    return *arr;
+  };
+}
+
+std::optional<mx::Shape> to_shape(const std::optional<std::vector<int>>& s) {
+  if (!s) {
+    return std::nullopt;
+  }
+  return mx::Shape(s->begin(), s->end());
+}
+
+void init_attack(nb::module_& m) {
+  nb::class_<AttackEngine>(m, "AttackEngine",
+      "Compiled gradient-attack loop for one model (see csrc/attack.h).")
+      .def(nb::init<>())
+      .def(
+          "run",
+          [](AttackEngine& self, nb::handle forward, const std::vector<mx::array>& params,
+             const mx::array& x0, const mx::array& y, const mx::array& eps,
+             const mx::array& step_size, const mx::array& lo, const mx::array& hi,
+             int num_classes, const std::string& norm, const std::string& loss, int steps,
+             int restarts, bool random_start, bool targeted, bool track_best, bool early_stop,
+             int unroll, const mx::array& key) {
+            if (!PyCallable_Check(forward.ptr())) {
+              throw std::invalid_argument("[attack] forward must be callable");
+            }
+            AttackConfig cfg;
+            cfg.norm = parse_norm(norm);
+            cfg.loss = parse_loss(loss);
+            cfg.steps = steps;
+            cfg.restarts = restarts;
+            cfg.random_start = random_start;
+            cfg.targeted = targeted;
+            cfg.track_best = track_best;
+            cfg.early_stop = early_stop;
+            cfg.unroll = unroll;
+            auto fn = borrow_forward(forward);
+            AttackOutput out = [&] {
+              nb::gil_scoped_release nogil;
+              return self.run(fn, params, x0, y, eps, step_size, lo, hi, num_classes, cfg, key);
+            }();
+            return nb::make_tuple(out.x_adv, out.success, out.loss, out.logits, out.norms);
+          },
+          "forward"_a, "params"_a, "x0"_a, "y"_a, "eps"_a, "step_size"_a, "lo"_a, "hi"_a,
+          nb::kw_only(), "num_classes"_a, "norm"_a = "linf", "loss"_a = "ce", "steps"_a = 10,
+          "restarts"_a = 1, "random_start"_a = true, "targeted"_a = false, "track_best"_a = true,
+          "early_stop"_a = false, "unroll"_a = 0, "key"_a,
+          "Run the attack; returns (x_adv, success, loss, logits, norms). `forward(params, x)` "
+          "is called only while a step is traced.")
+      .def_prop_ro("trace_count", &AttackEngine::trace_count,
+          "Times the model was traced (Python ran) since construction.")
+      .def(
+          "chosen_unroll",
+          [](const AttackEngine& self, const std::vector<int>& shape) {
+            return self.chosen_unroll(mx::Shape(shape.begin(), shape.end()));
+          },
+          "shape"_a, "Steps per compiled call chosen for inputs of this shape (0: none yet).")
+      .def("clear", &AttackEngine::clear, "Drop every compiled function of this engine.");
+
+  m.def(
+      "project",
+      [](const mx::array& x, const mx::array& x0, const mx::array& eps, const mx::array& lo,
+         const mx::array& hi, const std::string& norm) {
+        return project(x, x0, eps, lo, hi, parse_norm(norm));
+      },
+      "x"_a, "x0"_a, "eps"_a, "lo"_a, "hi"_a, "norm"_a,
+      "Project x onto the norm ball of per-sample radius eps (N,) around x0, then clip to [lo, hi].");
+  m.def(
+      "ascent_step",
+      [](const mx::array& x, const mx::array& g, const mx::array& alpha, const std::string& norm) {
+        return ascent_step(x, g, alpha, parse_norm(norm));
+      },
+      "x"_a, "grad"_a, "alpha"_a, "norm"_a,
+      "x + alpha*sign(g) (linf) or x + alpha*g/||g||_2 (l2), alpha of shape (N,).");
+  m.def(
+      "random_start",
+      [](const mx::array& x0, const mx::array& eps, const mx::array& lo, const mx::array& hi,
+         const std::string& norm, const mx::array& key) {
+        return random_start(x0, eps, lo, hi, parse_norm(norm), key);
+      },
+      "x0"_a, "eps"_a, "lo"_a, "hi"_a, "norm"_a, "key"_a,
+      "Uniform random point in the norm ball around x0, clipped to [lo, hi].");
+  m.def(
+      "attack_objective",
+      [](const mx::array& logits, const mx::array& y, const std::string& loss, bool targeted) {
+        return attack_objective(logits, y, parse_loss(loss), targeted);
+      },
+      "logits"_a, "y"_a, "loss"_a = "ce", "targeted"_a = false,
+      "Per-sample objective the attack maximises.");
+}
+
+void init_validate(nb::module_& m) {
+  nb::class_<ValidationReport>(m, "ValidationReport", "Per-sample result of validate_batch.")
+      .def_ro("num_samples", &ValidationReport::num_samples)
+      .def_ro("nonfinite", &ValidationReport::nonfinite, "NaN/Inf count per sample, (N,) int32.")
+      .def_ro("out_of_range", &ValidationReport::out_of_range,
+              "Finite values outside the bounds per sample, (N,) int32.")
+      .def_ro("total_nonfinite", &ValidationReport::total_nonfinite)
+      .def_ro("total_out_of_range", &ValidationReport::total_out_of_range)
+      .def_ro("nonfinite_samples", &ValidationReport::nonfinite_samples,
+              "First sample indices with NaN/Inf.")
+      .def_ro("out_of_range_samples", &ValidationReport::out_of_range_samples,
+              "First sample indices with out-of-range values.")
+      .def_prop_ro("ok", &ValidationReport::ok);
+
+  m.def(
+      "check_batch_structure",
+      [](const mx::array& x, const std::optional<std::vector<int>>& sample_shape,
+         const std::string& name) { check_batch_structure(x, to_shape(sample_shape), name); },
+      "x"_a, "sample_shape"_a = nb::none(), "name"_a = "x",
+      "Check rank, batch size, dtype and per-sample shape without reading data.");
+  m.def(
+      "validate_batch",
+      [](const mx::array& x, const std::optional<std::vector<int>>& sample_shape,
+         const mx::array& lo, const mx::array& hi, int max_indices, const std::string& name) {
+        nb::gil_scoped_release nogil;
+        return validate_batch(x, to_shape(sample_shape), lo, hi, max_indices, name);
+      },
+      "x"_a, "sample_shape"_a = nb::none(), "lo"_a, "hi"_a, "max_indices"_a = 10, "name"_a = "x",
+      "One fused pass: structure, NaN/Inf and out-of-range counts per sample.");
+}
+
+} // namespace
+
+NB_MODULE(_core, m) {
+  m.doc() = "mlx-robust C++ core: compiled attack loop and input validation.";
+  m.attr("mlx_version") = MLX_ROBUST_MLX_VERSION;
+  nb::register_exception_translator(
+      [](const std::exception_ptr& p, void*) {
+        try {
+          std::rethrow_exception(p);
+        } catch (const DTypeError& e) {
+          PyErr_SetString(PyExc_TypeError, e.what());
+        }
+      },
+      nullptr);
+  init_attack(m);
+  init_validate(m);
+}

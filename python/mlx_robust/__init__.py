@@ -1,0 +1,54 @@
+"""mlx-robust: adversarial robustness for Apple's MLX.
+
+Wrap a model in one line, attack it with compiled FGSM/PGD, validate what reaches it::
+
+    import mlx_robust as mr
+    robust = mr.RobustModel(model, bounds=(0.0, 1.0), input_shape=(8, 8, 1), num_classes=10)
+    res = robust.attack(x, y, mr.PGD(eps=0.1, steps=20), key=mr.key(0))
+"""
+
+from importlib.metadata import PackageNotFoundError, version as _dist_version
+
+import mlx.core as mx  # loads libmlx before our extension links against it
+
+try:
+    __version__ = _dist_version("mlx-robust")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0.0.0+unknown"
+
+_REBUILD = (
+    "Rebuild mlx-robust against the installed MLX: "
+    "pip install --force-reinstall --no-cache-dir --no-binary mlx-robust mlx-robust "
+    "(or `pip install --force-reinstall .` from a source checkout)."
+)
+
+try:
+    from mlx_robust import _core
+except ImportError as exc:  # a different libmlx than the one we were built against
+    raise ImportError(
+        f"mlx_robust's C++ extension failed to load with mlx {mx.__version__}: {exc}. {_REBUILD}"
+    ) from exc
+
+if _core.mlx_version != mx.__version__:
+    raise ImportError(
+        f"mlx_robust was built against mlx {_core.mlx_version} but mlx {mx.__version__} is installed; "
+        f"MLX has no stable C++ ABI. {_REBUILD}"
+    )
+
+from mlx_robust import datasets, models  # noqa: E402
+from mlx_robust.attacks import FGSM, PGD, AttackResult  # noqa: E402
+from mlx_robust.model import RobustModel, key  # noqa: E402
+from mlx_robust.validation import ValidationReport, validate  # noqa: E402
+
+__all__ = [
+    "FGSM",
+    "PGD",
+    "AttackResult",
+    "RobustModel",
+    "ValidationReport",
+    "datasets",
+    "key",
+    "models",
+    "validate",
+    "__version__",
+]

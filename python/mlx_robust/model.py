@@ -1,0 +1,200 @@
+"""RobustModel: one-line wrapper for defended inference and attacks."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from mlx_robust import _functional
+from mlx_robust.attacks import PGD, AttackResult
+from mlx_robust.validation import POLICIES, as_labels, validate, ValidationReport
+
+
+def key(seed: int) -> mx.array:
+    """An explicit PRNG key (``mx.random.key``); attacks given the same key give the same result."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    return mx.random.key(seed)
+
+
+def _fresh_key() -> mx.array:
+    # Draw from MLX's global generator so mx.random.seed(...) makes calls without a key repeatable.
+    return mx.random.key(int(mx.random.randint(0, 2**31 - 1, shape=()).item()))
+
+
+class RobustModel:
+    """Wrap an ``mlx.nn.Module`` classifier for validated inference and attacks.
+
+    The wrapped model is never changed by this class: after every call (also one that raises)
+    its parameters are the same arrays and each module's train/eval mode is as it was. Attacks run
+    the model in eval mode.
+
+    Args:
+        model: classifier mapping a batch (N, *input_shape) to logits (N, num_classes).
+        bounds: valid input range (lo, hi); inputs and adversarial examples stay inside it.
+        input_shape: shape of one sample, e.g. (28, 28, 1); None accepts any shape.
+        num_classes: number of classes; None infers it from the first forward pass.
+        on_invalid: "raise" (default) or "clip" for inputs outside ``bounds`` (NaN/Inf always raise).
+
+    Example:
+        >>> robust = mr.RobustModel(model, bounds=(0.0, 1.0), input_shape=(8, 8, 1), num_classes=10)
+        >>> logits = robust(x)
+        >>> res = robust.attack(x, y, mr.PGD(eps=0.1, steps=20), key=mr.key(0))
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        bounds: tuple[float, float] = (0.0, 1.0),
+        input_shape: Optional[Sequence[int]] = None,
+        num_classes: Optional[int] = None,
+        on_invalid: str = "raise",
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an mlx.nn.Module, got {type(model).__name__}")
+        try:
+            lo, hi = (float(b) for b in bounds)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"bounds must be a pair of numbers (lo, hi), got {bounds!r}") from exc
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+            raise ValueError(f"bounds must be finite with lo < hi, got {bounds!r}")
+        if input_shape is not None:
+            input_shape = tuple(input_shape)
+            if not input_shape or not all(isinstance(d, int) and d > 0 for d in input_shape):
+                raise ValueError(f"input_shape must be a tuple of positive ints, got {input_shape!r}")
+        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 2):
+            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+        if on_invalid not in POLICIES:
+            raise ValueError(f"on_invalid must be one of {POLICIES}, got {on_invalid!r}")
+        self._fn = _functional.ModelFunction(model)
+        self.bounds = (lo, hi)
+        self.input_shape = input_shape
+        self._num_classes = num_classes
+        self.on_invalid = on_invalid
+
+    @property
+    def model(self) -> nn.Module:
+        """The wrapped model (never modified by this wrapper)."""
+        return self._fn.model
+
+    @property
+    def num_classes(self) -> int:
+        if self._num_classes is None:
+            raise ValueError("num_classes is not known yet: pass it to RobustModel or call the model once")
+        return self._num_classes
+
+    @property
+    def trace_count(self) -> int:
+        """How often the attack core traced the model (Python ran inside a step)."""
+        return self._fn.trace_count
+
+    def validate(self, x: Any, *, name: str = "x") -> tuple[mx.array, ValidationReport]:
+        """Validate a batch with this model's bounds, input shape and policy (see ``validate``)."""
+        return validate(x, bounds=self.bounds, input_shape=self.input_shape, policy=self.on_invalid, name=name)
+
+    def _logits(self, x: mx.array) -> mx.array:
+        logits = self.model(x)
+        if not isinstance(logits, mx.array):
+            raise ValueError(f"the model must return an mx.array of logits, got {type(logits).__name__}")
+        expected_c = self._num_classes if self._num_classes is not None else "C"
+        if logits.ndim != 2 or logits.shape[0] != x.shape[0] or (
+            self._num_classes is not None and logits.shape[1] != self._num_classes
+        ):
+            raise ValueError(
+                f"the model's output must have shape ({x.shape[0]}, {expected_c}), got {tuple(logits.shape)}"
+            )
+        if self._num_classes is None:
+            if logits.shape[1] < 2:
+                raise ValueError(f"the model must output at least 2 logits per sample, got {logits.shape[1]}")
+            self._num_classes = int(logits.shape[1])
+        return logits
+
+    def __call__(self, x: Any) -> mx.array:
+        """Validated forward pass: logits (N, num_classes). Differentiable with respect to x."""
+        x, _ = self.validate(x)
+        return self._logits(x)
+
+    def predict(self, x: Any) -> mx.array:
+        """Predicted classes (N,) int32 of a validated batch, computed in eval mode."""
+        x, _ = self.validate(x)
+        with _functional.preserved(self.model, training=False):
+            return mx.argmax(self._logits(x), axis=-1).astype(mx.int32)
+
+    def attack(
+        self,
+        x: Any,
+        y: Any = None,
+        attack: Optional[PGD] = None,
+        *,
+        y_target: Any = None,
+        key: Optional[mx.array] = None,
+        batch_size: Optional[int] = None,
+        progress: bool = False,
+    ) -> AttackResult:
+        """Attack a batch; the model is left exactly as it was.
+
+        Args:
+            x: clean inputs (N, *input_shape) inside ``bounds``.
+            y: true labels (N,); None attacks the model's own predictions.
+            attack: an attack configuration, e.g. ``PGD(...)`` or ``FGSM(...)``; default ``PGD()``.
+            y_target: (N,) target classes for a targeted attack (success = predicted as target).
+            key: PRNG key for random starts (``mr.key(seed)``); None draws one from ``mx.random``.
+            batch_size: attack in chunks of this many samples (bounded memory); None = all at once.
+            progress: show a progress bar over chunks.
+
+        Returns:
+            AttackResult with x_adv, success, norms, logits and loss per sample.
+        """
+        attack = PGD() if attack is None else attack
+        if not isinstance(attack, PGD):
+            raise TypeError(f"attack must be an attack configuration such as mr.PGD(...), got {type(attack).__name__}")
+        x, _ = self.validate(x)
+        n = x.shape[0]
+        if self._num_classes is None:
+            with _functional.preserved(self.model, training=False):
+                self._logits(x[:1])
+        y = self.predict(x) if y is None else as_labels(y, n, self.num_classes, "y")
+        targets = None if y_target is None else as_labels(y_target, n, self.num_classes, "y_target")
+        if key is None:
+            key = _fresh_key()
+        elif not isinstance(key, mx.array) or key.shape != (2,) or key.dtype != mx.uint32:
+            raise ValueError("key must be a PRNG key from mr.key(seed) or mx.random.key(seed)")
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        step = n if batch_size is None else batch_size
+        starts = range(0, n, step)
+        if progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc=attack.name, unit="batch", leave=False)
+        per_sample = _per_sample_fields(attack)
+        for field, value in per_sample.items():
+            if value.shape != (n,):
+                raise ValueError(f"{field} must be a number or have shape ({n},) (one per sample), got shape {value.shape}")
+        parts = []
+        for s in starts:
+            sl = slice(s, min(s + step, n))
+            chunk = dataclasses.replace(attack, **{f: v[sl] for f, v in per_sample.items()}) if per_sample else attack
+            parts.append(chunk.run(self, x[sl], y[sl], None if targets is None else targets[sl], key))
+        if len(parts) == 1:
+            return parts[0]
+        cat = lambda f: mx.concatenate([getattr(p, f) for p in parts], axis=0)  # noqa: E731
+        return AttackResult(
+            cat("x_adv"), cat("success"), cat("norms"), cat("logits"), cat("loss"), y, targets, parts[0].attack
+        )
+
+
+def _per_sample_fields(attack: PGD) -> dict[str, np.ndarray]:
+    """The attack's per-sample (vector) settings, to be sliced with the batch."""
+    out = {}
+    for field in ("eps", "step_size"):
+        value = getattr(attack, field)
+        if value is not None and not isinstance(value, (int, float)):
+            out[field] = np.asarray(value, dtype=np.float32)
+    return out

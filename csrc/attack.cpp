@@ -247,6 +247,7 @@ AttackOutput AttackEngine::run(
   }
   bool measure = unroll == 0;  // first call for this shape: time one step, then choose
 
+  bool merged = false;  // has `full` received a working batch yet?
   try {
     for (int r = 0; r < cfg.restarts; ++r) {
       // Active set: every sample, or those not yet successful.
@@ -274,7 +275,7 @@ AttackOutput AttackEngine::run(
       // Working batch: the active samples, padded with copies to a power of two so that a
       // shrinking batch retraces at most log2(N) times.
       std::vector<int> rows;
-      mx::array idx(0);
+      bool identity = false;
       std::vector<mx::array> state;  // x, bx, bl, bs, bz
       std::vector<mx::array> fixed;  // x0, y, eps, alpha, lo, hi
       auto gather = [&](const std::vector<mx::array>& from_state, bool fresh) {
@@ -284,9 +285,15 @@ AttackOutput AttackEngine::run(
           new_rows.push_back(active[0]);
         }
         auto new_idx = mx::array(new_rows.data(), {size}, mx::int32);
+        identity = size == n && static_cast<int>(active.size()) == n;
+        for (int p = 0; identity && p < n; ++p) {
+          identity = new_rows[p] == p;
+        }
+        // The common case (no early stop yet): use the full arrays as they are, no gathers.
+        auto rows_of = [&](const mx::array& a) { return identity ? a : take_rows(a, new_idx); };
         if (fresh) {
           // A new restart competes from scratch; the merge below keeps the earlier best.
-          auto start = take_rows(start_all, new_idx);
+          auto start = rows_of(start_all);
           state = {start, start, mx::full({size}, -std::numeric_limits<float>::infinity()),
                    mx::zeros({size}, mx::bool_), mx::zeros({size, num_classes}, mx::float32)};
         } else {
@@ -306,10 +313,8 @@ AttackOutput AttackEngine::run(
           }
           state = s;
         }
-        fixed = {take_rows(x0, new_idx), take_rows(y, new_idx), take_rows(eps, new_idx),
-                 take_rows(alpha, new_idx), lo32, hi32};
+        fixed = {rows_of(x0), rows_of(y), rows_of(eps), rows_of(alpha), lo32, hi32};
         rows = new_rows;
-        idx = new_idx;
       };
       gather({}, true);
 
@@ -326,22 +331,26 @@ AttackOutput AttackEngine::run(
 
       // Merge the working batch's best into the full arrays (first occurrence of each row).
       auto flush = [&]() {
-        std::vector<int> pos(n, 0);
-        std::vector<uint8_t> present(n, 0);
-        for (int p = static_cast<int>(active.size()) - 1; p >= 0; --p) {
-          pos[active[p]] = p;
-          present[active[p]] = 1;
-        }
-        auto pos_idx = mx::array(pos.data(), {n}, mx::int32);
-        auto mask = mx::astype(mx::array(present.begin(), {n}, mx::uint8), mx::bool_);
-        // Rows absent from the working batch compete with -inf and no success: they never win.
-        Best cand{take_rows(state[1], pos_idx),
-                  mx::where(mask, take_rows(state[2], pos_idx),
+        Best cand{state[1], state[2], state[3], state[4]};
+        if (!identity) {
+          std::vector<int> pos(n, 0);
+          std::vector<uint8_t> present(n, 0);
+          for (int p = static_cast<int>(active.size()) - 1; p >= 0; --p) {
+            pos[active[p]] = p;
+            present[active[p]] = 1;
+          }
+          auto pos_idx = mx::array(pos.data(), {n}, mx::int32);
+          auto mask = mx::astype(mx::array(present.begin(), {n}, mx::uint8), mx::bool_);
+          // Rows absent from the working batch compete with -inf and no success: never win.
+          cand = {take_rows(cand.x, pos_idx),
+                  mx::where(mask, take_rows(cand.loss, pos_idx),
                             mx::array(-std::numeric_limits<float>::infinity())),
-                  mx::logical_and(take_rows(state[3], pos_idx), mask),
-                  take_rows(state[4], pos_idx)};
-        full = cfg.track_best ? keep_best(full, cand, nd) : cand;
-        mx::eval({full.x, full.loss, full.success, full.logits});
+                  mx::logical_and(take_rows(cand.success, pos_idx), mask),
+                  take_rows(cand.logits, pos_idx)};
+        }
+        // The first restart has nothing to compete with.
+        full = (cfg.track_best && merged) ? keep_best(full, cand, nd) : cand;
+        merged = true;
       };
 
       int done = 0;
@@ -389,6 +398,7 @@ AttackOutput AttackEngine::run(
           int size = static_cast<int>(rows.size());
           if (static_cast<int>(still.size()) * 2 <= size) {
             flush();  // the leaving rows' results live only in the working batch
+            mx::eval({full.x, full.loss, full.success, full.logits});
             active = still;
             gather(state, false);
           }
@@ -406,7 +416,7 @@ AttackOutput AttackEngine::run(
 
   auto norms = batch_norm_of(mx::subtract(full.x, x0), cfg.norm);
   auto x_adv = mx::astype(full.x, x0_in.dtype());
-  mx::eval({x_adv, norms});
+  mx::eval({x_adv, norms, full.success, full.loss, full.logits});
   return {x_adv, full.success, full.loss, full.logits, norms};
 }
 

@@ -1,0 +1,64 @@
+"""Shared fixtures: small models trained once per session on the embedded digits."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+
+import mlx_robust as mr
+from mlx_robust.training import fit
+
+
+@pytest.fixture(scope="session")
+def digits():
+    x_train, y_train = mr.datasets.load_digits("train")
+    x_test, y_test = mr.datasets.load_digits("test")
+    return x_train, y_train, x_test, y_test
+
+
+@pytest.fixture(scope="session")
+def mlp(digits):
+    """A trained MLP 64-32-10 (fast: most attack tests use it)."""
+    mx.random.seed(1)
+    model = mr.models.MLP(64, hidden=(32,), num_classes=10)
+    fit(model, digits[0], digits[1], epochs=20, seed=1)
+    return model
+
+
+@pytest.fixture(scope="session")
+def cnn(digits):
+    """The demo's small CNN, trained."""
+    mx.random.seed(2)
+    model = mr.models.SmallCNN(image_size=8, channels=(8, 16))
+    fit(model, digits[0], digits[1], epochs=10, seed=2)
+    return model
+
+
+@pytest.fixture
+def batch(digits):
+    """64 test images and labels."""
+    return digits[2][:64], digits[3][:64]
+
+
+def snapshot(model: nn.Module):
+    """Parameters (as numpy copies and identities) and per-module modes, to prove nothing changed."""
+    from mlx.utils import tree_flatten
+
+    flat = tree_flatten(model.parameters())
+    return (
+        {k: (id(v), mx.array(v)) for k, v in flat},
+        [(name, m.training) for name, m in model.named_modules()],
+    )
+
+
+def assert_unchanged(model: nn.Module, snap) -> None:
+    from mlx.utils import tree_flatten
+
+    params, modes = snap
+    now = dict(tree_flatten(model.parameters()))
+    assert now.keys() == params.keys()
+    for k, (ident, value) in params.items():
+        assert id(now[k]) == ident, f"parameter {k} was replaced"
+        assert mx.array_equal(now[k], value), f"parameter {k} changed"
+    assert [(n, m.training) for n, m in model.named_modules()] == modes

@@ -24,7 +24,7 @@ ForwardFn borrow_forward(nb::handle fn) {
     mx::array* arr = nullptr;
     if (!nb::try_cast<mx::array*>(out, arr) || arr == nullptr) {
       throw std::invalid_argument(
-          std::string("[attack] the model must return an mx.array of logits, got ") +
+          std::string("[attack] the model must return an mx.array of floating-point logits, got ") +
           nb::type_name(out.type()).c_str());
     }
     return *arr;

@@ -81,8 +81,9 @@ ValidationReport validate_batch(
   auto outside = mx::logical_and(finite, mx::logical_or(mx::less(x, lo), mx::greater(x, hi)));
   ValidationReport r;
   r.num_samples = x.shape(0);
-  r.nonfinite = mx::astype(mx::sum(mx::logical_not(finite), axes), mx::int32);
-  r.out_of_range = mx::astype(mx::sum(outside, axes), mx::int32);
+  // contiguous: a broadcast input gives broadcast (strided) counts, and we index them on the host.
+  r.nonfinite = mx::contiguous(mx::astype(mx::sum(mx::logical_not(finite), axes), mx::int32));
+  r.out_of_range = mx::contiguous(mx::astype(mx::sum(outside, axes), mx::int32));
   auto totals = mx::stack({mx::sum(mx::astype(r.nonfinite, mx::int64)),
                            mx::sum(mx::astype(r.out_of_range, mx::int64))});
   mx::eval({r.nonfinite, r.out_of_range, totals});

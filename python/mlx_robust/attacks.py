@@ -64,22 +64,47 @@ class AttackResult:
         return float(mx.mean((self.predictions == self.y).astype(mx.float32)).item())
 
 
-def _check_eps(eps: EpsLike) -> None:
-    if isinstance(eps, (int, float)) and not isinstance(eps, bool):
-        if not math.isfinite(eps) or eps < 0:
-            raise ValueError(f"eps must be a finite number >= 0, got {eps}")
-        return
-    arr = np.asarray(eps, dtype=np.float64)
+def _is_int(v: object) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _scalar(v: object) -> Optional[float]:
+    """A Python/numpy/MLX number (0-d) as float, else None (a per-sample vector)."""
+    if isinstance(v, (bool, np.bool_)):
+        raise TypeError(f"expected a number, got {v!r}")
+    if isinstance(v, (int, float, np.number)):
+        return float(v)
+    if isinstance(v, (mx.array, np.ndarray)) and v.ndim == 0:
+        return float(v.item())
+    return None
+
+
+def _check_positive(value: object, name: str, allow_zero: bool) -> object:
+    """Validate a scalar or per-sample (N,) setting; returns it with scalars as float."""
+    op = ">= 0" if allow_zero else "> 0"
+    bad = (lambda a: a < 0) if allow_zero else (lambda a: a <= 0)
+    s = _scalar(value)
+    if s is not None:
+        if not math.isfinite(s) or bad(s):
+            raise ValueError(f"{name} must be a finite number {op}, got {s}")
+        return s
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} must be a number or a per-sample vector of shape (N,)") from exc
     if arr.ndim != 1:
-        raise ValueError(f"eps must be a number or a per-sample vector of shape (N,), got shape {arr.shape}")
-    if not np.all(np.isfinite(arr)) or np.any(arr < 0):
-        raise ValueError("eps must be finite and >= 0 for every sample")
+        raise ValueError(f"{name} must be a number or a per-sample vector of shape (N,), got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)) or np.any(bad(arr)):
+        every = "finite and >= 0" if allow_zero else "> 0 and finite"
+        raise ValueError(f"{name} must be {every} for every sample")
+    return value
 
 
 def per_sample(value: EpsLike, n: int, name: str) -> mx.array:
     """A scalar or (N,) vector as an (N,) float32 array; ValueError naming ``name`` otherwise."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return mx.full((n,), float(value), dtype=mx.float32)
+    s = _scalar(value)
+    if s is not None:
+        return mx.full((n,), s, dtype=mx.float32)
     arr = np.asarray(value, dtype=np.float32)
     if arr.shape != (n,):
         raise ValueError(f"{name} must be a number or have shape ({n},) (one per sample), got shape {arr.shape}")
@@ -123,25 +148,21 @@ class PGD:
     unroll: Optional[int] = None
 
     def __post_init__(self) -> None:
-        _check_eps(self.eps)
-        if not isinstance(self.steps, (int, np.integer)) or isinstance(self.steps, bool) or self.steps < 1:
-            raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
-        if not isinstance(self.restarts, (int, np.integer)) or isinstance(self.restarts, bool) or self.restarts < 1:
-            raise ValueError(f"restarts must be an integer >= 1, got {self.restarts!r}")
+        object.__setattr__(self, "eps", _check_positive(self.eps, "eps", allow_zero=True))
         if self.step_size is not None:
-            if isinstance(self.step_size, (int, float)):
-                if not math.isfinite(self.step_size) or self.step_size <= 0:
-                    raise ValueError(f"step_size must be a finite number > 0, got {self.step_size}")
-            else:
-                s = np.asarray(self.step_size, dtype=np.float64)
-                if s.ndim != 1 or not np.all(np.isfinite(s)) or np.any(s <= 0):
-                    raise ValueError("step_size must be > 0: a number or a per-sample vector (N,)")
+            object.__setattr__(self, "step_size", _check_positive(self.step_size, "step_size", allow_zero=False))
+        if not _is_int(self.steps) or self.steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
+        if not _is_int(self.restarts) or self.restarts < 1:
+            raise ValueError(f"restarts must be an integer >= 1, got {self.restarts!r}")
         if self.norm not in _NORMS:
             raise ValueError(f"norm must be one of {_NORMS}, got {self.norm!r}")
         if self.loss not in _LOSSES:
             raise ValueError(f"loss must be one of {_LOSSES}, got {self.loss!r}")
-        if self.unroll is not None and (not isinstance(self.unroll, int) or self.unroll < 1):
+        if self.unroll is not None and (not _is_int(self.unroll) or self.unroll < 1):
             raise ValueError(f"unroll must be None or an integer >= 1, got {self.unroll!r}")
+        object.__setattr__(self, "steps", int(self.steps))
+        object.__setattr__(self, "restarts", int(self.restarts))
 
     @property
     def name(self) -> str:
@@ -183,7 +204,7 @@ class PGD:
             targeted=targeted,
             track_best=track_best,
             early_stop=self.early_stop and track_best,
-            unroll=self.unroll or 0,
+            unroll=int(self.unroll or 0),
             key=key,
             training=training,
         )

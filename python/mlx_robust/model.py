@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Optional, Sequence
 
 import mlx.core as mx
@@ -12,7 +11,7 @@ import numpy as np
 
 from mlx_robust import _functional
 from mlx_robust.attacks import PGD, AttackResult
-from mlx_robust.validation import POLICIES, as_labels, validate, ValidationReport
+from mlx_robust.validation import POLICIES, ValidationReport, as_labels, check_bounds, validate
 
 
 def key(seed: int) -> mx.array:
@@ -58,12 +57,7 @@ class RobustModel:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an mlx.nn.Module, got {type(model).__name__}")
-        try:
-            lo, hi = (float(b) for b in bounds)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"bounds must be a pair of numbers (lo, hi), got {bounds!r}") from exc
-        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-            raise ValueError(f"bounds must be finite with lo < hi, got {bounds!r}")
+        lo, hi = check_bounds(bounds)
         if input_shape is not None:
             input_shape = tuple(input_shape)
             if not input_shape or not all(isinstance(d, int) and d > 0 for d in input_shape):
@@ -100,8 +94,9 @@ class RobustModel:
 
     def _logits(self, x: mx.array) -> mx.array:
         logits = self.model(x)
-        if not isinstance(logits, mx.array):
-            raise ValueError(f"the model must return an mx.array of logits, got {type(logits).__name__}")
+        if not isinstance(logits, mx.array) or not mx.issubdtype(logits.dtype, mx.floating):
+            got = logits.dtype if isinstance(logits, mx.array) else type(logits).__name__
+            raise ValueError(f"the model must return an mx.array of floating-point logits, got {got}")
         expected_c = self._num_classes if self._num_classes is not None else "C"
         if logits.ndim != 2 or logits.shape[0] != x.shape[0] or (
             self._num_classes is not None and logits.shape[1] != self._num_classes
@@ -163,9 +158,11 @@ class RobustModel:
         targets = None if y_target is None else as_labels(y_target, n, self.num_classes, "y_target")
         if key is None:
             key = _fresh_key()
-        elif not isinstance(key, mx.array) or key.shape != (2,) or key.dtype != mx.uint32:
+        elif not isinstance(key, mx.array):
+            raise TypeError(f"key must be a PRNG key from mr.key(seed), got {type(key).__name__}")
+        elif key.shape != (2,) or key.dtype != mx.uint32:
             raise ValueError("key must be a PRNG key from mr.key(seed) or mx.random.key(seed)")
-        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        if batch_size is not None and (not _is_int(batch_size) or batch_size < 1):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         step = n if batch_size is None else batch_size
         starts = range(0, n, step)
@@ -190,11 +187,15 @@ class RobustModel:
         )
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
 def _per_sample_fields(attack: PGD) -> dict[str, np.ndarray]:
     """The attack's per-sample (vector) settings, to be sliced with the batch."""
     out = {}
     for field in ("eps", "step_size"):
         value = getattr(attack, field)
-        if value is not None and not isinstance(value, (int, float)):
+        if value is not None and np.ndim(value) != 0:
             out[field] = np.asarray(value, dtype=np.float32)
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional, Sequence
 
 import mlx.core as mx
@@ -12,7 +13,18 @@ from mlx_robust._functional import ValidationReport
 
 POLICIES = ("raise", "clip")
 
-__all__ = ["POLICIES", "ValidationReport", "as_batch", "as_labels", "validate"]
+__all__ = ["POLICIES", "ValidationReport", "as_batch", "as_labels", "check_bounds", "validate"]
+
+
+def check_bounds(bounds: Any) -> tuple[float, float]:
+    """``bounds`` as finite floats (lo, hi) with lo < hi; ValueError naming ``bounds`` otherwise."""
+    try:
+        lo, hi = (float(b) for b in bounds)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"bounds must be a pair of numbers (lo, hi), got {bounds!r}") from exc
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise ValueError(f"bounds must be finite with lo < hi, got {bounds!r}")
+    return lo, hi
 
 
 def as_batch(x: Any, name: str = "x") -> mx.array:
@@ -84,8 +96,8 @@ def validate(
     """
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    lo, hi = check_bounds(bounds)
     arr = as_batch(x, name)
-    lo, hi = bounds
     report = _functional.validate_batch(arr, input_shape, lo, hi, name)
     if report.total_nonfinite:
         raise ValueError(

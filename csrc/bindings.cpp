@@ -31,13 +31,6 @@ ForwardFn borrow_forward(nb::handle fn) {
   };
 }
 
-std::optional<mx::Shape> to_shape(const std::optional<std::vector<int>>& s) {
-  if (!s) {
-    return std::nullopt;
-  }
-  return mx::Shape(s->begin(), s->end());
-}
-
 void init_attack(nb::module_& m) {
   nb::class_<AttackEngine>(m, "AttackEngine",
       "Compiled gradient-attack loop for one model (see csrc/attack.h).")
@@ -135,7 +128,7 @@ void init_validate(nb::module_& m) {
   m.def(
       "check_batch_structure",
       [](const mx::array& x, const std::optional<std::vector<int>>& sample_shape,
-         const std::string& name) { check_batch_structure(x, to_shape(sample_shape), name); },
+         const std::string& name) { check_batch_structure(x, sample_shape, name); },
       "x"_a, "sample_shape"_a = nb::none(), "name"_a = "x",
       "Check rank, batch size, dtype and per-sample shape without reading data.");
   m.def(
@@ -143,7 +136,7 @@ void init_validate(nb::module_& m) {
       [](const mx::array& x, const std::optional<std::vector<int>>& sample_shape,
          const mx::array& lo, const mx::array& hi, int max_indices, const std::string& name) {
         nb::gil_scoped_release nogil;
-        return validate_batch(x, to_shape(sample_shape), lo, hi, max_indices, name);
+        return validate_batch(x, sample_shape, lo, hi, max_indices, name);
       },
       "x"_a, "sample_shape"_a = nb::none(), "lo"_a, "hi"_a, "max_indices"_a = 10, "name"_a = "x",
       "One fused pass: structure, NaN/Inf and out-of-range counts per sample.");

@@ -6,19 +6,31 @@ namespace mlx_robust {
 
 namespace {
 
-std::string shape_str(const mx::Shape& s, bool batch) {
+// "(N, 8, 8, 1)" for a per-sample shape, "(64,)" for a full one. Reads dims one at a time
+// (array::shape(i)) rather than through a Shape reference: an in-place build with g++ 13 against
+// the mlx-cuda wheel crashed iterating the reference here (measured on the device).
+std::string shape_str(const mx::array& x, int first_dim, bool batch) {
   std::ostringstream os;
   os << "(";
+  int dims = 0;
   if (batch) {
-    os << "N" << (s.empty() ? ",)" : ", ");
+    os << "N";
+    ++dims;
   }
-  for (size_t i = 0; i < s.size(); ++i) {
-    os << s[i] << (i + 1 < s.size() ? ", " : "");
+  for (int i = first_dim; i < static_cast<int>(x.ndim()); ++i, ++dims) {
+    os << (dims ? ", " : "") << x.shape(i);
   }
-  if (!batch && s.size() == 1) {
-    os << ",";
+  os << (dims == 1 ? ",)" : ")");
+  return os.str();
+}
+
+std::string shape_str(const std::vector<int>& s) {
+  std::ostringstream os;
+  os << "(N";
+  for (int d : s) {
+    os << ", " << d;
   }
-  os << ")";
+  os << (s.empty() ? ",)" : ")");
   return os.str();
 }
 
@@ -37,7 +49,7 @@ std::vector<int> first_nonzero(const mx::array& counts, int limit) {
 
 void check_batch_structure(
     const mx::array& x,
-    const std::optional<mx::Shape>& sample_shape,
+    const std::optional<std::vector<int>>& sample_shape,
     const std::string& name) {
   if (!mx::issubdtype(x.dtype(), mx::floating)) {
     std::ostringstream os;
@@ -48,18 +60,21 @@ void check_batch_structure(
   if (x.ndim() < 2) {
     std::ostringstream os;
     os << "[validate] " << name << " must be a batch of rank >= 2 (N, ...), got shape "
-       << shape_str(x.shape(), false);
+       << shape_str(x, 0, false);
     throw std::invalid_argument(os.str());
   }
   if (x.shape(0) == 0) {
     throw std::invalid_argument("[validate] " + name + " is an empty batch (N = 0)");
   }
   if (sample_shape) {
-    mx::Shape got(x.shape().begin() + 1, x.shape().end());
-    if (got != *sample_shape) {
+    bool same = static_cast<int>(x.ndim()) - 1 == static_cast<int>(sample_shape->size());
+    for (int i = 1; same && i < static_cast<int>(x.ndim()); ++i) {
+      same = x.shape(i) == (*sample_shape)[i - 1];
+    }
+    if (!same) {
       std::ostringstream os;
-      os << "[validate] " << name << " has shape " << shape_str(x.shape(), false)
-         << " but the model expects " << shape_str(*sample_shape, true);
+      os << "[validate] " << name << " has shape " << shape_str(x, 0, false)
+         << " but the model expects " << shape_str(*sample_shape);
       throw std::invalid_argument(os.str());
     }
   }
@@ -67,7 +82,7 @@ void check_batch_structure(
 
 ValidationReport validate_batch(
     const mx::array& x,
-    const std::optional<mx::Shape>& sample_shape,
+    const std::optional<std::vector<int>>& sample_shape,
     const mx::array& lo,
     const mx::array& hi,
     int max_indices,

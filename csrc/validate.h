@@ -37,7 +37,7 @@ struct ValidationReport {
  */
 void check_batch_structure(
     const mx::array& x,
-    const std::optional<mx::Shape>& sample_shape,
+    const std::optional<std::vector<int>>& sample_shape,
     const std::string& name = "x");
 
 /**
@@ -46,7 +46,7 @@ void check_batch_structure(
  */
 ValidationReport validate_batch(
     const mx::array& x,
-    const std::optional<mx::Shape>& sample_shape,
+    const std::optional<std::vector<int>>& sample_shape,
     const mx::array& lo,
     const mx::array& hi,
     int max_indices = 10,

@@ -33,6 +33,7 @@ fi
 
 $py -m pip install -q --no-build-isolation --no-deps --force-reinstall . 2>&1 | tail -5
 (cd /tmp && $py -c "import mlx_robust, mlx.core as mx; print('built in place:', mlx_robust.__version__, mx.default_device())")
+(cd /tmp && $py "$OLDPWD/benchmarks/gpu/exception_probe.py") 2>&1 | tee "$out/exception_probe.txt"
 $py -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$out/pytest.txt" | tail -15
 for b in benchmarks/bench_*.py; do
   echo "== $b ==" 

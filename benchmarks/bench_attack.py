@@ -104,7 +104,7 @@ def compiled_pgd(model, step, x0, y, steps):
     return x
 
 
-def bench(kind: str, batch: int, steps_list, reps: int, eps: float) -> list[dict]:
+def bench(kind: str, batch: int, steps_list, reps: int, eps: float, unroll=None) -> list[dict]:
     mx.random.seed(0)
     model = make_model(kind)
     model.eval()
@@ -120,8 +120,8 @@ def bench(kind: str, batch: int, steps_list, reps: int, eps: float) -> list[dict
         alpha = 2.5 * eps / steps
         step = make_compiled_step(model, eps, alpha)
         cfg = dict(eps=eps, steps=steps, step_size=alpha, random_start=False)
-        lib = mr.PGD(**cfg, early_stop=False)
-        lib_es = mr.PGD(**cfg, early_stop=True)
+        lib = mr.PGD(**cfg, early_stop=False, unroll=unroll)
+        lib_es = mr.PGD(**cfg, early_stop=True, unroll=unroll)
         times = {
             "naive": timeit(lambda: naive_pgd(model, x, y, eps, alpha, steps), reps),
             "compiled": timeit(lambda: compiled_pgd(model, step, x, y, steps), reps),
@@ -129,7 +129,7 @@ def bench(kind: str, batch: int, steps_list, reps: int, eps: float) -> list[dict
             "library+early-stop": timeit(lambda: mx.eval(robust.attack(x, y, lib_es, key=mr.key(0)).x_adv), reps),
         }
         rows.append(dict(model=kind, steps=steps, batch=batch, fwd_bwd=t_fb, times=times,
-                         unroll=robust._fn.chosen_unroll((batch, 28, 28, 1))))
+                         unroll=unroll or robust._fn.chosen_unroll((batch, 28, 28, 1))))
     return rows
 
 
@@ -138,8 +138,10 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
     parser.add_argument("--steps", nargs="+", type=int, default=[10, 40])
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--reps", type=int, default=5, help="timed repetitions (median reported)")
+    parser.add_argument("--reps", type=int, default=20, help="timed repetitions (median reported)")
     parser.add_argument("--eps", type=float, default=0.3)
+    parser.add_argument("--unroll", nargs="+", type=int, default=[0],
+                        help="library steps per compiled call; 0 = chosen by timing (default)")
     args = parser.parse_args()
 
     print(f"mlx-robust {mr.__version__}, mlx {mx.__version__}, {backend_description()}")
@@ -148,7 +150,8 @@ def main() -> None:
           "| naive/lib | compiled/lib | lib / (steps x fwd+bwd) | unroll |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for kind in args.models:
-        for r in bench(kind, args.batch, args.steps, args.reps, args.eps):
+        rows = [r for k in args.unroll for r in bench(kind, args.batch, args.steps, args.reps, args.eps, k or None)]
+        for r in rows:
             t = r["times"]
             ms = {k: v * 1e3 for k, v in t.items()}
             print(

@@ -239,7 +239,8 @@ AttackOutput AttackEngine::run(
   // Full-batch best state, merged into after every restart (and on every shrink).
   Best full{x0, mx::full({n}, -std::numeric_limits<float>::infinity()), mx::zeros({n}, mx::bool_),
             mx::zeros({n, num_classes}, mx::float32)};
-  auto restart_keys = mx::random::split(key, cfg.restarts);
+  // Only random starts use the key.
+  auto restart_keys = cfg.random_start ? mx::random::split(key, cfg.restarts) : mx::array(0);
 
   int unroll = cfg.unroll;
   if (unroll == 0) {
@@ -269,8 +270,9 @@ AttackOutput AttackEngine::run(
         }
       }
 
-      auto rkey = mx::take(restart_keys, r, 0);
-      auto start_all = cfg.random_start ? random_start(x0, eps, lo32, hi32, cfg.norm, rkey) : x0;
+      auto start_all = cfg.random_start
+          ? random_start(x0, eps, lo32, hi32, cfg.norm, mx::take(restart_keys, r, 0))
+          : x0;
 
       // Working batch: the active samples, padded with copies to a power of two so that a
       // shrinking batch retraces at most log2(N) times.

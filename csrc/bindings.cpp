@@ -144,6 +144,9 @@ void init_validate(nb::module_& m) {
 
 } // namespace
 
+// Defined in their own binding files (bind_*.cpp), one per submodule of the core.
+void init_smoothing(nb::module_& m);
+
 NB_MODULE(_core, m) {
   m.doc() = "mlx-robust C++ core: compiled attack loop and input validation.";
   m.attr("mlx_version") = MLX_ROBUST_MLX_VERSION;
@@ -158,4 +161,5 @@ NB_MODULE(_core, m) {
       nullptr);
   init_attack(m);
   init_validate(m);
+  init_smoothing(m);
 }

@@ -44,7 +44,8 @@ mx::array attack_success(const mx::array& logits, const mx::array& y, bool targe
 namespace {
 
 // Compiled-function input layout.
-enum Slot : int { X = 0, BX, BL, BS, BZ, X0, Y, EPS, ALPHA, LO, HI, NUM_SLOTS };
+// STEP_KEYS (steps + 1, 2): one key per step of a stochastic model; T0: index of the chunk's first step.
+enum Slot : int { X = 0, BX, BL, BS, BZ, X0, Y, EPS, ALPHA, LO, HI, STEP_KEYS, T0, NUM_SLOTS };
 
 struct Best {
   mx::array x, loss, success, logits;
@@ -67,25 +68,58 @@ struct Evaluated {
   mx::array loss, success, logits;
 };
 
+mx::array checked_logits(
+    const ForwardFn& forward,
+    const std::vector<mx::array>& params,
+    const mx::array& x,
+    int num_classes) {
+  auto logits = forward(params, x);
+  if (logits.ndim() != 2 || logits.shape(0) != x.shape(0) || logits.shape(1) != num_classes) {
+    std::ostringstream msg;
+    msg << "[attack] model output must have shape (" << x.shape(0) << ", " << num_classes
+        << ") for a batch of " << x.shape(0) << ", got (";
+    for (int i = 0; i < static_cast<int>(logits.ndim()); ++i) {
+      msg << (i ? ", " : "") << logits.shape(i);
+    }
+    msg << (logits.ndim() == 1 ? ",)" : ")");
+    throw std::invalid_argument(msg.str());
+  }
+  if (!mx::issubdtype(logits.dtype(), mx::floating)) {
+    throw std::invalid_argument("[attack] model output must be floating point logits");
+  }
+  return mx::astype(logits, mx::float32);
+}
+
+// Objective, success and logits at x. A stochastic model is run eot_samples times with keys drawn
+// from step t's key (EOT, Athalye et al. 2018): objective and logits are the means over the draws,
+// success is judged on the mean logits.
 Evaluated check_and_score(
     const ForwardFn& forward,
     const std::vector<mx::array>& params,
     const mx::array& x,
     const mx::array& y,
     int num_classes,
-    const AttackConfig& cfg) {
-  auto logits = forward(params, x);
-  if (logits.ndim() != 2 || logits.shape(0) != x.shape(0) || logits.shape(1) != num_classes) {
-    std::ostringstream msg;
-    msg << "[attack] model output must have shape (" << x.shape(0) << ", " << num_classes
-        << ") for a batch of " << x.shape(0) << ", got " << logits.shape();
-    throw std::invalid_argument(msg.str());
+    const AttackConfig& cfg,
+    const mx::array& step_keys,
+    const mx::array& t) {
+  if (!cfg.stochastic) {
+    auto logits = checked_logits(forward, params, x, num_classes);
+    auto loss = attack_objective(logits, y, cfg.loss, cfg.targeted);
+    return {loss, attack_success(logits, y, cfg.targeted), logits};
   }
-  if (!mx::issubdtype(logits.dtype(), mx::floating)) {
-    throw std::invalid_argument("[attack] model output must be floating point logits");
+  auto draws = mx::random::split(mx::take(step_keys, t, 0), std::max(cfg.eot_samples, 2));
+  std::optional<mx::array> loss, logits;
+  for (int e = 0; e < cfg.eot_samples; ++e) {
+    std::vector<mx::array> p(params);
+    p.push_back(mx::take(draws, e, 0));  // the trailing parameter of a stochastic forward
+    auto z = checked_logits(forward, p, x, num_classes);
+    auto l = attack_objective(z, y, cfg.loss, cfg.targeted);
+    loss = loss ? mx::add(*loss, l) : l;
+    logits = logits ? mx::add(*logits, z) : z;
   }
-  auto loss = attack_objective(logits, y, cfg.loss, cfg.targeted);
-  return {loss, attack_success(logits, y, cfg.targeted), mx::astype(logits, mx::float32)};
+  auto inv = mx::array(1.0f / cfg.eot_samples);
+  auto mean_logits = mx::multiply(*logits, inv);
+  return {mx::multiply(*loss, inv), attack_success(mean_logits, y, cfg.targeted), mean_logits};
 }
 
 std::vector<mx::array> slice_params(const std::vector<mx::array>& in) {
@@ -108,8 +142,9 @@ std::vector<mx::array> steps_fn(
     // Loss, success and logits ride along as values of the one forward pass (as mx.value_and_grad
     // does with aux outputs); only the summed objective is differentiated.
     std::optional<Evaluated> ev;
+    auto t = mx::add(in[T0], mx::array(j, mx::int32));
     auto objective = [&](const std::vector<mx::array>& xs) -> std::vector<mx::array> {
-      ev = check_and_score(forward, params, xs[0], y, num_classes, cfg);
+      ev = check_and_score(forward, params, xs[0], y, num_classes, cfg, in[STEP_KEYS], t);
       return {mx::sum(ev->loss)};
     };
     auto grads = mx::vjp(objective, {x}, {mx::array(1.0f)}).second;
@@ -127,7 +162,7 @@ std::vector<mx::array> final_fn(
     int num_classes,
     const AttackConfig& cfg) {
   auto params = slice_params(in);
-  auto ev = check_and_score(forward, params, in[X], in[Y], num_classes, cfg);
+  auto ev = check_and_score(forward, params, in[X], in[Y], num_classes, cfg, in[STEP_KEYS], in[T0]);
   Best cand{in[X], ev.loss, ev.success, ev.logits};
   Best best{in[BX], in[BL], in[BS], in[BZ]};
   best = cfg.track_best ? keep_best(best, cand, in[X].ndim()) : cand;
@@ -202,6 +237,9 @@ AttackOutput AttackEngine::run(
   if (cfg.early_stop && !cfg.track_best) {
     throw std::invalid_argument("[attack] early_stop needs track_best (it would change the result)");
   }
+  if (cfg.eot_samples < 1) {
+    throw std::invalid_argument("[attack] eot_samples must be >= 1");
+  }
   if (cfg.unroll < 0) {
     throw std::invalid_argument("[attack] unroll must be >= 0");
   }
@@ -220,7 +258,8 @@ AttackOutput AttackEngine::run(
         static_cast<uint64_t>(kind), static_cast<uint64_t>(k),
         static_cast<uint64_t>(cfg.norm), static_cast<uint64_t>(cfg.loss),
         static_cast<uint64_t>(cfg.targeted), static_cast<uint64_t>(cfg.track_best),
-        static_cast<uint64_t>(num_classes)};
+        static_cast<uint64_t>(num_classes), static_cast<uint64_t>(cfg.stochastic),
+        static_cast<uint64_t>(cfg.eot_samples)};
   };
   auto make_steps = [&](int k) {
     auto fn = [this, &forward, k, num_classes, &cfg](const std::vector<mx::array>& in) {
@@ -239,8 +278,11 @@ AttackOutput AttackEngine::run(
   // Full-batch best state, merged into after every restart (and on every shrink).
   Best full{x0, mx::full({n}, -std::numeric_limits<float>::infinity()), mx::zeros({n}, mx::bool_),
             mx::zeros({n, num_classes}, mx::float32)};
-  // Only random starts use the key.
+  // Random starts use split(key, restarts); a stochastic model's draws use keys split from the
+  // other half of split(key), one per step of each restart, so neither depends on the unroll depth.
   auto restart_keys = cfg.random_start ? mx::random::split(key, cfg.restarts) : mx::array(0);
+  auto noise_keys = cfg.stochastic ? mx::random::split(mx::random::split(key).second, cfg.restarts)
+                                   : mx::array(0);
 
   int unroll = cfg.unroll;
   if (unroll == 0) {
@@ -273,6 +315,10 @@ AttackOutput AttackEngine::run(
       auto start_all = cfg.random_start
           ? random_start(x0, eps, lo32, hi32, cfg.norm, mx::take(restart_keys, r, 0))
           : x0;
+
+      auto step_keys = cfg.stochastic
+          ? mx::random::split(mx::take(noise_keys, r, 0), cfg.steps + 1)
+          : mx::zeros({1, 2}, mx::uint32);
 
       // Working batch: the active samples, padded with copies to a power of two so that a
       // shrinking batch retraces at most log2(N) times.
@@ -315,14 +361,16 @@ AttackOutput AttackEngine::run(
           }
           state = s;
         }
-        fixed = {rows_of(x0), rows_of(y), rows_of(eps), rows_of(alpha), lo32, hi32};
+        fixed = {rows_of(x0), rows_of(y), rows_of(eps), rows_of(alpha), lo32, hi32, step_keys};
         rows = new_rows;
       };
       gather({}, true);
 
+      int done = 0;
       auto inputs_of = [&](const std::vector<mx::array>& st) {
         std::vector<mx::array> in(st);
         in.insert(in.end(), fixed.begin(), fixed.end());
+        in.push_back(mx::array(done, mx::int32));
         in.insert(in.end(), params.begin(), params.end());
         return in;
       };
@@ -355,7 +403,6 @@ AttackOutput AttackEngine::run(
         merged = true;
       };
 
-      int done = 0;
       if (measure) {
         // One step to trace and compile, one timed step; unroll deep only where steps are cheap
         // (host-bound), since unrolling slows compute-bound models (ARCHITECTURE §2).

@@ -44,6 +44,10 @@ struct AttackConfig {
   bool early_stop = false;
   /** Steps per compiled call; 0 picks it by timing one step per input shape. */
   int unroll = 0;
+  /** The model is random: `forward` receives one extra trailing parameter, a PRNG key for the
+      draw, and every score averages `eot_samples` draws (Expectation over Transformation). */
+  bool stochastic = false;
+  int eot_samples = 1;
 };
 
 struct AttackOutput {

@@ -42,7 +42,7 @@ void init_attack(nb::module_& m) {
              const mx::array& step_size, const mx::array& lo, const mx::array& hi,
              int num_classes, const std::string& norm, const std::string& loss, int steps,
              int restarts, bool random_start, bool targeted, bool track_best, bool early_stop,
-             int unroll, const mx::array& key) {
+             int unroll, bool stochastic, int eot_samples, const mx::array& key) {
             if (!PyCallable_Check(forward.ptr())) {
               throw std::invalid_argument("[attack] forward must be callable");
             }
@@ -56,6 +56,8 @@ void init_attack(nb::module_& m) {
             cfg.track_best = track_best;
             cfg.early_stop = early_stop;
             cfg.unroll = unroll;
+            cfg.stochastic = stochastic;
+            cfg.eot_samples = eot_samples;
             auto fn = borrow_forward(forward);
             AttackOutput out = [&] {
               nb::gil_scoped_release nogil;
@@ -66,9 +68,11 @@ void init_attack(nb::module_& m) {
           "forward"_a, "params"_a, "x0"_a, "y"_a, "eps"_a, "step_size"_a, "lo"_a, "hi"_a,
           nb::kw_only(), "num_classes"_a, "norm"_a = "linf", "loss"_a = "ce", "steps"_a = 10,
           "restarts"_a = 1, "random_start"_a = true, "targeted"_a = false, "track_best"_a = true,
-          "early_stop"_a = false, "unroll"_a = 0, "key"_a,
+          "early_stop"_a = false, "unroll"_a = 0, "stochastic"_a = false, "eot_samples"_a = 1, "key"_a,
           "Run the attack; returns (x_adv, success, loss, logits, norms). `forward(params, x)` "
-          "is called only while a step is traced.")
+          "is called only while a step is traced; with stochastic=True the last element of "
+          "`params` is a PRNG key for the draw. The engine's compiled steps belong to one model: "
+          "use one engine per model.")
       .def_prop_ro("trace_count", &AttackEngine::trace_count,
           "Times the model was traced (Python ran) since construction.")
       .def(

@@ -37,6 +37,7 @@ if _core.mlx_version != mx.__version__:
 
 from mlx_robust import datasets, models  # noqa: E402
 from mlx_robust.attacks import FGSM, PGD, AttackResult  # noqa: E402
+from mlx_robust.defences import GaussianNoise  # noqa: E402
 from mlx_robust.model import RobustModel, key  # noqa: E402
 from mlx_robust.validation import ValidationReport, validate  # noqa: E402
 
@@ -44,6 +45,7 @@ __all__ = [
     "FGSM",
     "PGD",
     "AttackResult",
+    "GaussianNoise",
     "RobustModel",
     "ValidationReport",
     "datasets",

@@ -68,18 +68,28 @@ class ModelFunction:
     between calls is always seen (never baked in as constants).
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, transform: Optional[Callable[[mx.array, mx.array], mx.array]] = None) -> None:
         self.model = model
+        # A random input transform (a defence) applied before the model: transform(x, key).
+        self.transform = transform
         self.engine = _core.AttackEngine()
 
     def flat_parameters(self) -> tuple[list[str], list[mx.array]]:
         flat = tree_flatten(self.model.parameters())
         return [k for k, _ in flat], [v for _, v in flat]
 
+    @property
+    def stochastic(self) -> bool:
+        return self.transform is not None
+
     def _forward(self, names: list[str], originals: list[mx.array]) -> Callable:
-        model = self.model
+        model, transform = self.model, self.transform
 
         def forward(params: list[mx.array], x: mx.array) -> mx.array:
+            if transform is not None:
+                # The engine appends the draw's key to the parameters of a stochastic model.
+                *params, key = params
+                x = transform(x, key)
             model.update(tree_unflatten(list(zip(names, params))))
             try:
                 return model(x)
@@ -117,6 +127,7 @@ class ModelFunction:
         early_stop: bool,
         unroll: int,
         key: mx.array,
+        eot_samples: int = 1,
         training: bool = False,
     ) -> tuple[mx.array, mx.array, mx.array, mx.array, mx.array]:
         """Run the compiled attack loop; returns (x_adv, success, loss, logits, norms)."""
@@ -143,6 +154,8 @@ class ModelFunction:
                     track_best=track_best,
                     early_stop=early_stop,
                     unroll=unroll,
+                    stochastic=self.stochastic,
+                    eot_samples=eot_samples,
                     key=key,
                 )
             except Exception:

@@ -37,6 +37,8 @@ class AttackResult:
         y: (N,) int32 labels attacked (the model's own predictions if none were given).
         y_target: (N,) int32 targets of a targeted attack, else None.
         attack: a short description of the attack that produced this result.
+        eot_samples: random draws averaged per step (> 1: EOT against a random defence); the
+            logits and success then refer to the mean logits over that many draws.
     """
 
     x_adv: mx.array
@@ -47,6 +49,7 @@ class AttackResult:
     y: mx.array
     y_target: Optional[mx.array]
     attack: str
+    eot_samples: int = 1
 
     @property
     def predictions(self) -> mx.array:
@@ -131,6 +134,8 @@ class PGD:
         loss: "ce" (cross-entropy) or "margin" (Carlini-Wagner margin on logits).
         early_stop: samples already misclassified leave the batch (faster; same result).
         unroll: steps per compiled call; None picks it by timing one step.
+        eot_samples: draws of a random defence averaged per step (EOT, Athalye et al. 2018);
+            None uses the defence's own default (1 for a deterministic model).
 
     Example:
         >>> res = robust.attack(x, y, mr.PGD(eps=0.3, steps=40, step_size=0.01), key=mr.key(0))
@@ -146,6 +151,7 @@ class PGD:
     loss: str = "ce"
     early_stop: bool = True
     unroll: Optional[int] = None
+    eot_samples: Optional[int] = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "eps", _check_positive(self.eps, "eps", allow_zero=True))
@@ -161,6 +167,8 @@ class PGD:
             raise ValueError(f"loss must be one of {_LOSSES}, got {self.loss!r}")
         if self.unroll is not None and (not _is_int(self.unroll) or self.unroll < 1):
             raise ValueError(f"unroll must be None or an integer >= 1, got {self.unroll!r}")
+        if self.eot_samples is not None and (not _is_int(self.eot_samples) or self.eot_samples < 1):
+            raise ValueError(f"eot_samples must be None or an integer >= 1, got {self.eot_samples!r}")
         object.__setattr__(self, "steps", int(self.steps))
         object.__setattr__(self, "restarts", int(self.restarts))
 
@@ -189,6 +197,7 @@ class PGD:
         n = x.shape[0]
         eps = per_sample(self.eps, n, "eps")
         targeted = y_target is not None
+        eot = robust.eot_samples(self.eot_samples)
         x_adv, success, loss, logits, norms = robust._fn.run_attack(
             x,
             y_target if targeted else y,
@@ -206,9 +215,11 @@ class PGD:
             early_stop=self.early_stop and track_best,
             unroll=int(self.unroll or 0),
             key=key,
+            eot_samples=eot,
             training=training,
         )
-        return AttackResult(x_adv, success, norms, logits, loss, y, y_target, self.name)
+        name = self.name if eot == 1 else f"{self.name} EOT-{eot}"
+        return AttackResult(x_adv, success, norms, logits, loss, y, y_target, name, eot)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import numpy as np
 
 from mlx_robust import _functional
 from mlx_robust.attacks import PGD, AttackResult
+from mlx_robust.defences import GaussianNoise
 from mlx_robust.validation import POLICIES, ValidationReport, as_labels, check_bounds, validate
 
 
@@ -39,6 +40,8 @@ class RobustModel:
         input_shape: shape of one sample, e.g. (28, 28, 1); None accepts any shape.
         num_classes: number of classes; None infers it from the first forward pass.
         on_invalid: "raise" (default) or "clip" for inputs outside ``bounds`` (NaN/Inf always raise).
+        noise: a random input defence (``mr.GaussianNoise(std)``) applied before the model in
+            ``robust(x)``, ``predict`` and attacks; attacks then use EOT by default.
 
     Example:
         >>> robust = mr.RobustModel(model, bounds=(0.0, 1.0), input_shape=(8, 8, 1), num_classes=10)
@@ -54,6 +57,7 @@ class RobustModel:
         input_shape: Optional[Sequence[int]] = None,
         num_classes: Optional[int] = None,
         on_invalid: str = "raise",
+        noise: Optional[GaussianNoise] = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an mlx.nn.Module, got {type(model).__name__}")
@@ -66,7 +70,10 @@ class RobustModel:
             raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
         if on_invalid not in POLICIES:
             raise ValueError(f"on_invalid must be one of {POLICIES}, got {on_invalid!r}")
-        self._fn = _functional.ModelFunction(model)
+        if noise is not None and not isinstance(noise, GaussianNoise):
+            raise TypeError(f"noise must be an mr.GaussianNoise, got {type(noise).__name__}")
+        self.noise = noise
+        self._fn = _functional.ModelFunction(model, transform=None if noise is None else noise.apply)
         self.bounds = (lo, hi)
         self.input_shape = input_shape
         self._num_classes = num_classes
@@ -88,11 +95,24 @@ class RobustModel:
         """How often the attack core traced the model (Python ran inside a step)."""
         return self._fn.trace_count
 
+    @property
+    def is_random(self) -> bool:
+        """True when a random defence makes the wrapped prediction random (attacks use EOT)."""
+        return self.noise is not None
+
+    def eot_samples(self, requested: Optional[int] = None) -> int:
+        """Draws per attack step: ``requested``, else the defence's default, 1 if deterministic."""
+        if not self.is_random:
+            return 1
+        return requested if requested is not None else self.noise.eot_samples
+
     def validate(self, x: Any, *, name: str = "x") -> tuple[mx.array, ValidationReport]:
         """Validate a batch with this model's bounds, input shape and policy (see ``validate``)."""
         return validate(x, bounds=self.bounds, input_shape=self.input_shape, policy=self.on_invalid, name=name)
 
     def _logits(self, x: mx.array) -> mx.array:
+        if self.noise is not None:
+            x = self.noise.apply(x)
         logits = self.model(x)
         if not isinstance(logits, mx.array) or not mx.issubdtype(logits.dtype, mx.floating):
             got = logits.dtype if isinstance(logits, mx.array) else type(logits).__name__
@@ -183,7 +203,8 @@ class RobustModel:
             return parts[0]
         cat = lambda f: mx.concatenate([getattr(p, f) for p in parts], axis=0)  # noqa: E731
         return AttackResult(
-            cat("x_adv"), cat("success"), cat("norms"), cat("logits"), cat("loss"), y, targets, parts[0].attack
+            cat("x_adv"), cat("success"), cat("norms"), cat("logits"), cat("loss"), y, targets, parts[0].attack,
+            parts[0].eot_samples,
         )
 
 

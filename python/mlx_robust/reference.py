@@ -82,14 +82,26 @@ def pgd_reference(
     targeted: bool = False,
     track_best: bool = True,
     key: mx.array,
+    eot_samples: int = 0,
 ) -> tuple[mx.array, mx.array, mx.array, mx.array]:
-    """Reference attack; returns (x_adv, success, loss, logits)."""
+    """Reference attack; returns (x_adv, success, loss, logits).
+
+    ``eot_samples >= 1`` marks ``forward(x, key)`` as random: each score averages that many draws
+    (EOT), with keys derived as in the C++ core.
+    """
     n = x0.shape[0]
     y = y.astype(mx.int32)
+    step_key = None
 
     def score(x):
-        logits = forward(x).astype(mx.float32)
-        obj = objective(logits, y, loss, targeted)
+        if eot_samples:
+            draws = mx.random.split(step_key, max(eot_samples, 2))
+            zs = [forward(x, draws[e]).astype(mx.float32) for e in range(eot_samples)]
+            obj = sum(objective(z, y, loss, targeted) for z in zs) * (1.0 / eot_samples)
+            logits = sum(zs) * (1.0 / eot_samples)
+        else:
+            logits = forward(x).astype(mx.float32)
+            obj = objective(logits, y, loss, targeted)
         pred = mx.argmax(logits, axis=-1)
         succ = (pred == y) if targeted else (pred != y)
         return obj, succ, logits
@@ -111,16 +123,20 @@ def pgd_reference(
 
     grad_fn = mx.value_and_grad(lambda x: total(x)[0])
     keys = mx.random.split(key, restarts)
+    noise_keys = mx.random.split(mx.random.split(key)[1], restarts)
     full = None
     for r in range(restarts):
         x = random_start(x0, eps, lo, hi, norm, keys[r]) if random_start_ else x0
+        step_keys = mx.random.split(noise_keys[r], steps + 1)
         best = (x, mx.full((n,), -mx.inf), mx.zeros((n,), mx.bool_), None)
-        for _ in range(steps):
+        for t in range(steps):
+            step_key = step_keys[t]
             obj, succ, logits = score(x)
             _, g = grad_fn(x)
             cand = (x, obj, succ, logits)
             best = keep(best, cand) if (track_best and best[3] is not None) else cand
             x = project(ascent_step(x, g, step_size, norm), x0, eps, lo, hi, norm)
+        step_key = step_keys[steps]
         obj, succ, logits = score(x)
         cand = (x, obj, succ, logits)
         best = keep(best, cand) if track_best else cand

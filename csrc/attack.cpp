@@ -18,11 +18,29 @@ LossKind parse_loss(const std::string& loss) {
   if (loss == "margin" || loss == "cw") {
     return LossKind::Margin;
   }
-  throw std::invalid_argument("[attack] loss must be 'ce' or 'margin', got '" + loss + "'");
+  if (loss == "kl") {
+    return LossKind::KL;
+  }
+  throw std::invalid_argument("[attack] loss must be 'ce', 'margin' or 'kl', got '" + loss + "'");
 }
 
-mx::array attack_objective(const mx::array& logits, const mx::array& y, LossKind loss, bool targeted) {
+mx::array attack_objective(
+    const mx::array& logits,
+    const mx::array& y,
+    LossKind loss,
+    bool targeted,
+    const std::optional<mx::array>& probs) {
   auto z = mx::astype(logits, mx::float32);
+  if (loss == LossKind::KL) {
+    if (!probs || probs->ndim() != 2 || probs->shape(0) != z.shape(0) || probs->shape(1) != z.shape(1)) {
+      throw std::invalid_argument("[attack] the 'kl' objective needs probs of shape (N, num_classes)");
+    }
+    auto p = mx::astype(*probs, mx::float32);
+    auto log_q = mx::subtract(z, mx::logsumexp(z, -1, true));
+    auto plogp = mx::where(mx::greater(p, mx::array(0.0f)), mx::multiply(p, mx::log(p)), mx::array(0.0f));
+    auto kl = mx::sum(mx::subtract(plogp, mx::multiply(p, log_q)), -1);
+    return targeted ? mx::negative(kl) : kl;
+  }
   auto yi = mx::expand_dims(mx::astype(y, mx::int32), -1);
   auto zy = mx::squeeze(mx::take_along_axis(z, yi, -1), -1);
   if (loss == LossKind::CrossEntropy) {
@@ -45,7 +63,8 @@ namespace {
 
 // Compiled-function input layout.
 // STEP_KEYS (steps + 1, 2): one key per step of a stochastic model; T0: index of the chunk's first step.
-enum Slot : int { X = 0, BX, BL, BS, BZ, X0, Y, EPS, ALPHA, LO, HI, STEP_KEYS, T0, NUM_SLOTS };
+// PROBS (N, C): clean probabilities for the KL objective, a dummy otherwise.
+enum Slot : int { X = 0, BX, BL, BS, BZ, X0, Y, EPS, ALPHA, LO, HI, STEP_KEYS, PROBS, T0, NUM_SLOTS };
 
 struct Best {
   mx::array x, loss, success, logits;
@@ -101,10 +120,15 @@ Evaluated check_and_score(
     int num_classes,
     const AttackConfig& cfg,
     const mx::array& step_keys,
-    const mx::array& t) {
+    const mx::array& t,
+    const mx::array& probs_in) {
+  std::optional<mx::array> probs;
+  if (cfg.loss == LossKind::KL) {
+    probs = probs_in;
+  }
   if (!cfg.stochastic) {
     auto logits = checked_logits(forward, params, x, num_classes);
-    auto loss = attack_objective(logits, y, cfg.loss, cfg.targeted);
+    auto loss = attack_objective(logits, y, cfg.loss, cfg.targeted, probs);
     return {loss, attack_success(logits, y, cfg.targeted), logits};
   }
   auto draws = mx::random::split(mx::take(step_keys, t, 0), std::max(cfg.eot_samples, 2));
@@ -113,7 +137,7 @@ Evaluated check_and_score(
     std::vector<mx::array> p(params);
     p.push_back(mx::take(draws, e, 0));  // the trailing parameter of a stochastic forward
     auto z = checked_logits(forward, p, x, num_classes);
-    auto l = attack_objective(z, y, cfg.loss, cfg.targeted);
+    auto l = attack_objective(z, y, cfg.loss, cfg.targeted, probs);
     loss = loss ? mx::add(*loss, l) : l;
     logits = logits ? mx::add(*logits, z) : z;
   }
@@ -144,7 +168,7 @@ std::vector<mx::array> steps_fn(
     std::optional<Evaluated> ev;
     auto t = mx::add(in[T0], mx::array(j, mx::int32));
     auto objective = [&](const std::vector<mx::array>& xs) -> std::vector<mx::array> {
-      ev = check_and_score(forward, params, xs[0], y, num_classes, cfg, in[STEP_KEYS], t);
+      ev = check_and_score(forward, params, xs[0], y, num_classes, cfg, in[STEP_KEYS], t, in[PROBS]);
       return {mx::sum(ev->loss)};
     };
     auto grads = mx::vjp(objective, {x}, {mx::array(1.0f)}).second;
@@ -162,7 +186,7 @@ std::vector<mx::array> final_fn(
     int num_classes,
     const AttackConfig& cfg) {
   auto params = slice_params(in);
-  auto ev = check_and_score(forward, params, in[X], in[Y], num_classes, cfg, in[STEP_KEYS], in[T0]);
+  auto ev = check_and_score(forward, params, in[X], in[Y], num_classes, cfg, in[STEP_KEYS], in[T0], in[PROBS]);
   Best cand{in[X], ev.loss, ev.success, ev.logits};
   Best best{in[BX], in[BL], in[BS], in[BZ]};
   best = cfg.track_best ? keep_best(best, cand, in[X].ndim()) : cand;
@@ -212,7 +236,8 @@ AttackOutput AttackEngine::run(
     const mx::array& hi,
     int num_classes,
     const AttackConfig& cfg,
-    const mx::array& key) {
+    const mx::array& key,
+    const std::optional<mx::array>& probs_in) {
   // Argument checks: the Python layer checks first, but this layer never trusts its caller.
   if (x0_in.ndim() < 2 || x0_in.shape(0) < 1) {
     throw std::invalid_argument("[attack] x must be a non-empty batch of rank >= 2");
@@ -237,6 +262,10 @@ AttackOutput AttackEngine::run(
   if (cfg.early_stop && !cfg.track_best) {
     throw std::invalid_argument("[attack] early_stop needs track_best (it would change the result)");
   }
+  if (cfg.loss == LossKind::KL &&
+      (!probs_in || probs_in->ndim() != 2 || probs_in->shape(0) != n || probs_in->shape(1) != num_classes)) {
+    throw std::invalid_argument("[attack] loss 'kl' needs probs of shape (N, num_classes)");
+  }
   if (cfg.eot_samples < 1) {
     throw std::invalid_argument("[attack] eot_samples must be >= 1");
   }
@@ -248,6 +277,7 @@ AttackOutput AttackEngine::run(
   auto y = mx::astype(y_in, mx::int32);
   auto eps = mx::astype(eps_in, mx::float32);
   auto alpha = mx::astype(step_size_in, mx::float32);
+  auto probs = cfg.loss == LossKind::KL ? mx::astype(*probs_in, mx::float32) : mx::zeros({1, 1}, mx::float32);
   auto lo32 = mx::astype(lo, mx::float32);
   auto hi32 = mx::astype(hi, mx::float32);
   const int nd = x0.ndim();
@@ -361,7 +391,8 @@ AttackOutput AttackEngine::run(
           }
           state = s;
         }
-        fixed = {rows_of(x0), rows_of(y), rows_of(eps), rows_of(alpha), lo32, hi32, step_keys};
+        fixed = {rows_of(x0), rows_of(y), rows_of(eps), rows_of(alpha), lo32, hi32, step_keys,
+                 cfg.loss == LossKind::KL ? rows_of(probs) : probs};
         rows = new_rows;
       };
       gather({}, true);

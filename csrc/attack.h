@@ -5,6 +5,7 @@
 #include <functional>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -16,16 +17,23 @@ namespace mlx_robust {
 /** The model as a pure function of its flattened parameters and an input batch -> logits (N, C). */
 using ForwardFn = std::function<mx::array(const std::vector<mx::array>&, const mx::array&)>;
 
-enum class LossKind : int { CrossEntropy = 0, Margin = 1 };
+enum class LossKind : int { CrossEntropy = 0, Margin = 1, KL = 2 };
 
-/** Parse "ce" / "margin"; throws on anything else. */
+/** Parse "ce" / "margin" / "kl"; throws on anything else. */
 LossKind parse_loss(const std::string& loss);
 
 /**
  * Per-sample attack objective, to be maximised. Untargeted: CE(z, y) or max_{j!=y} z_j - z_y.
  * Targeted (y holds the targets): -CE(z, y) or z_y - max_{j!=y} z_j.
+ * KL (TRADES, Zhang et al. 2019): KL(p || softmax(z)) with `probs` = p (N, C), the clean
+ * prediction; `targeted` negates it.
  */
-mx::array attack_objective(const mx::array& logits, const mx::array& y, LossKind loss, bool targeted);
+mx::array attack_objective(
+    const mx::array& logits,
+    const mx::array& y,
+    LossKind loss,
+    bool targeted,
+    const std::optional<mx::array>& probs = std::nullopt);
 
 /** Per-sample success: argmax != y (untargeted) or argmax == y (targeted). */
 mx::array attack_success(const mx::array& logits, const mx::array& y, bool targeted);
@@ -70,6 +78,7 @@ struct AttackOutput {
  * call; model parameters are inputs of the compiled function, never captured constants.
  */
 class AttackEngine {
+  // run(): `probs` (N, num_classes) is required by the KL objective and ignored otherwise.
  public:
   AttackEngine() = default;
   ~AttackEngine();
@@ -87,7 +96,8 @@ class AttackEngine {
       const mx::array& hi,
       int num_classes,
       const AttackConfig& config,
-      const mx::array& key);
+      const mx::array& key,
+      const std::optional<mx::array>& probs = std::nullopt);
 
   /** How many times the model function was traced (Python ran) since construction. */
   int trace_count() const {

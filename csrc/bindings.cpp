@@ -42,7 +42,8 @@ void init_attack(nb::module_& m) {
              const mx::array& step_size, const mx::array& lo, const mx::array& hi,
              int num_classes, const std::string& norm, const std::string& loss, int steps,
              int restarts, bool random_start, bool targeted, bool track_best, bool early_stop,
-             int unroll, bool stochastic, int eot_samples, const mx::array& key) {
+             int unroll, bool stochastic, int eot_samples, const mx::array& key,
+             const std::optional<mx::array>& probs) {
             if (!PyCallable_Check(forward.ptr())) {
               throw std::invalid_argument("[attack] forward must be callable");
             }
@@ -61,14 +62,14 @@ void init_attack(nb::module_& m) {
             auto fn = borrow_forward(forward);
             AttackOutput out = [&] {
               nb::gil_scoped_release nogil;
-              return self.run(fn, params, x0, y, eps, step_size, lo, hi, num_classes, cfg, key);
+              return self.run(fn, params, x0, y, eps, step_size, lo, hi, num_classes, cfg, key, probs);
             }();
             return nb::make_tuple(out.x_adv, out.success, out.loss, out.logits, out.norms);
           },
           "forward"_a, "params"_a, "x0"_a, "y"_a, "eps"_a, "step_size"_a, "lo"_a, "hi"_a,
           nb::kw_only(), "num_classes"_a, "norm"_a = "linf", "loss"_a = "ce", "steps"_a = 10,
           "restarts"_a = 1, "random_start"_a = true, "targeted"_a = false, "track_best"_a = true,
-          "early_stop"_a = false, "unroll"_a = 0, "stochastic"_a = false, "eot_samples"_a = 1, "key"_a,
+          "early_stop"_a = false, "unroll"_a = 0, "stochastic"_a = false, "eot_samples"_a = 1, "key"_a, "probs"_a = nb::none(),
           "Run the attack; returns (x_adv, success, loss, logits, norms). `forward(params, x)` "
           "is called only while a step is traced; with stochastic=True the last element of "
           "`params` is a PRNG key for the draw. The engine's compiled steps belong to one model: "
@@ -108,10 +109,11 @@ void init_attack(nb::module_& m) {
       "Uniform random point in the norm ball around x0, clipped to [lo, hi].");
   m.def(
       "attack_objective",
-      [](const mx::array& logits, const mx::array& y, const std::string& loss, bool targeted) {
-        return attack_objective(logits, y, parse_loss(loss), targeted);
+      [](const mx::array& logits, const mx::array& y, const std::string& loss, bool targeted,
+         const std::optional<mx::array>& probs) {
+        return attack_objective(logits, y, parse_loss(loss), targeted, probs);
       },
-      "logits"_a, "y"_a, "loss"_a = "ce", "targeted"_a = false,
+      "logits"_a, "y"_a, "loss"_a = "ce", "targeted"_a = false, "probs"_a = nb::none(),
       "Per-sample objective the attack maximises.");
 }
 

@@ -18,6 +18,7 @@ ATTACKS = {
     "pgd-linf": lambda eps: mr.PGD(eps=eps, steps=8),
     "pgd-l2": lambda eps: mr.PGD(eps=eps * 4, steps=8, norm="l2"),
     "pgd-margin-restarts": lambda eps: mr.PGD(eps=eps, steps=5, loss="margin", restarts=2),
+    "pgd-kl": lambda eps: mr.PGD(eps=eps, steps=5, loss="kl"),
 }
 
 
@@ -142,6 +143,8 @@ REFERENCE_CASES = [
     dict(norm="linf", loss="margin", steps=4, restarts=1, random_start_=True, targeted=True),
     dict(norm="l2", loss="margin", steps=5, restarts=2, random_start_=False, targeted=False),
     dict(norm="linf", loss="ce", steps=5, restarts=1, random_start_=True, targeted=False, track_best=False),
+    dict(norm="linf", loss="kl", steps=5, restarts=1, random_start_=True, targeted=False, track_best=False),
+    dict(norm="l2", loss="kl", steps=4, restarts=2, random_start_=True, targeted=False),
 ]
 
 
@@ -154,13 +157,14 @@ def test_core_matches_reference(mlp, batch, case, unroll):
     alpha = eps * 0.25
     labels = (y + 3) % 10 if case["targeted"] else y
     mlp.eval()
-    ref_x, ref_s, ref_l, _ = pgd_reference(mlp, x, labels, eps, alpha, 0.0, 1.0, key=mr.key(10), **case)
+    probs = mx.softmax(mlp(x), axis=-1) if case["loss"] == "kl" else None
+    ref_x, ref_s, ref_l, _ = pgd_reference(mlp, x, labels, eps, alpha, 0.0, 1.0, key=mr.key(10), probs=probs, **case)
     robust = _robust(mlp)
     x_adv, success, loss, logits, norms = robust._fn.run_attack(
         x, labels, eps, alpha, (0.0, 1.0), num_classes=10, norm=case["norm"], loss=case["loss"],
         steps=case["steps"], restarts=case["restarts"], random_start=case["random_start_"],
         targeted=case["targeted"], track_best=case.get("track_best", True), early_stop=False,
-        unroll=unroll, key=mr.key(10),
+        unroll=unroll, key=mr.key(10), probs=probs,
     )
     # Same ops in the same order: identical up to float rounding of fused kernels.
     np.testing.assert_allclose(np.array(x_adv), np.array(ref_x), atol=1e-5)

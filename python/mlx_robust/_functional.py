@@ -128,9 +128,14 @@ class ModelFunction:
         unroll: int,
         key: mx.array,
         eot_samples: int = 1,
+        probs: Optional[mx.array] = None,
         training: bool = False,
     ) -> tuple[mx.array, mx.array, mx.array, mx.array, mx.array]:
-        """Run the compiled attack loop; returns (x_adv, success, loss, logits, norms)."""
+        """Run the compiled attack loop; returns (x_adv, success, loss, logits, norms).
+
+        ``probs`` (N, C): clean probabilities, needed by ``loss="kl"`` (TRADES' inner attack).
+        ``training`` is the mode the model runs in during the attack (eval by default).
+        """
         names, params = self.flat_parameters()
         forward = self._forward(names, params)
         with preserved(self.model, training=training):
@@ -157,6 +162,7 @@ class ModelFunction:
                     stochastic=self.stochastic,
                     eot_samples=eot_samples,
                     key=key,
+                    probs=probs,
                 )
             except Exception:
                 # The engine dropped its compiled entries; make the next call start clean too.

@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # pragma: no cover
 EpsLike = Union[float, Sequence[float], np.ndarray, mx.array]
 
 _NORMS = ("linf", "l2")
-_LOSSES = ("ce", "margin")
+_LOSSES = ("ce", "margin", "kl")
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,8 @@ class PGD:
         norm: "linf" or "l2".
         random_start: start uniformly inside the ball (from the call's ``key``).
         restarts: independent random starts; per sample the strongest result is kept.
-        loss: "ce" (cross-entropy) or "margin" (Carlini-Wagner margin on logits).
+        loss: "ce" (cross-entropy), "margin" (Carlini-Wagner margin on logits) or "kl"
+            (KL divergence from the clean prediction: TRADES' inner attack, Zhang et al. 2019).
         early_stop: samples already misclassified leave the batch (faster; same result).
         unroll: steps per compiled call; None picks it by timing one step.
         eot_samples: draws of a random defence averaged per step (EOT, Athalye et al. 2018);
@@ -198,6 +199,7 @@ class PGD:
         eps = per_sample(self.eps, n, "eps")
         targeted = y_target is not None
         eot = robust.eot_samples(self.eot_samples)
+        probs = robust.clean_probabilities(x) if self.loss == "kl" else None
         x_adv, success, loss, logits, norms = robust._fn.run_attack(
             x,
             y_target if targeted else y,
@@ -216,6 +218,7 @@ class PGD:
             unroll=int(self.unroll or 0),
             key=key,
             eot_samples=eot,
+            probs=probs,
             training=training,
         )
         name = self.name if eot == 1 else f"{self.name} EOT-{eot}"

@@ -135,6 +135,12 @@ class RobustModel:
         x, _ = self.validate(x)
         return self._logits(x)
 
+    def clean_probabilities(self, x: mx.array) -> mx.array:
+        """Softmax of the model on a validated batch, in eval mode, without noise (a constant)."""
+        with _functional.preserved(self.model, training=False):
+            logits = self.model(x)
+        return mx.stop_gradient(mx.softmax(logits.astype(mx.float32), axis=-1))
+
     def predict(self, x: Any) -> mx.array:
         """Predicted classes (N,) int32 of a validated batch, computed in eval mode."""
         x, _ = self.validate(x)

@@ -22,9 +22,14 @@ def _norm(d: mx.array, norm: str) -> mx.array:
     return mx.sqrt(mx.sum(mx.square(d), axis=axes))
 
 
-def objective(logits: mx.array, y: mx.array, loss: str, targeted: bool) -> mx.array:
+def objective(logits: mx.array, y: mx.array, loss: str, targeted: bool, probs=None) -> mx.array:
     """Per-sample objective to maximise (see ``csrc/attack.h``)."""
     z = logits.astype(mx.float32)
+    if loss == "kl":
+        log_q = z - mx.logsumexp(z, axis=-1, keepdims=True)
+        plogp = mx.where(probs > 0, probs * mx.log(probs), 0.0)
+        kl = mx.sum(plogp - probs * log_q, axis=-1)
+        return -kl if targeted else kl
     zy = mx.take_along_axis(z, y[:, None], axis=-1)[:, 0]
     if loss == "ce":
         ce = mx.logsumexp(z, axis=-1) - zy
@@ -83,6 +88,7 @@ def pgd_reference(
     track_best: bool = True,
     key: mx.array,
     eot_samples: int = 0,
+    probs: mx.array | None = None,
 ) -> tuple[mx.array, mx.array, mx.array, mx.array]:
     """Reference attack; returns (x_adv, success, loss, logits).
 
@@ -97,11 +103,11 @@ def pgd_reference(
         if eot_samples:
             draws = mx.random.split(step_key, max(eot_samples, 2))
             zs = [forward(x, draws[e]).astype(mx.float32) for e in range(eot_samples)]
-            obj = sum(objective(z, y, loss, targeted) for z in zs) * (1.0 / eot_samples)
+            obj = sum(objective(z, y, loss, targeted, probs) for z in zs) * (1.0 / eot_samples)
             logits = sum(zs) * (1.0 / eot_samples)
         else:
             logits = forward(x).astype(mx.float32)
-            obj = objective(logits, y, loss, targeted)
+            obj = objective(logits, y, loss, targeted, probs)
         pred = mx.argmax(logits, axis=-1)
         succ = (pred == y) if targeted else (pred != y)
         return obj, succ, logits

@@ -11,6 +11,36 @@
 
 namespace mlx_robust {
 
+std::mutex& core_mutex() {
+  static std::mutex m;
+  return m;
+}
+
+namespace {
+
+// Compiled-function ids whose engine died while another thread held core_mutex(): erased by the
+// next run() (a destructor must not wait for that thread, which may be waiting for the GIL).
+std::mutex pending_mutex;
+std::vector<std::uintptr_t> pending_erase;
+
+void erase_ids(const std::vector<std::uintptr_t>& ids) {
+  auto cache = mx::detail::compile_cache();
+  for (auto id : ids) {
+    mx::detail::compile_erase(cache, id);
+  }
+}
+
+void drain_pending() {
+  std::vector<std::uintptr_t> ids;
+  {
+    std::lock_guard<std::mutex> lock(pending_mutex);
+    ids.swap(pending_erase);
+  }
+  erase_ids(ids);
+}
+
+} // namespace
+
 LossKind parse_loss(const std::string& loss) {
   if (loss == "ce" || loss == "cross_entropy") {
     return LossKind::CrossEntropy;
@@ -208,13 +238,18 @@ mx::array take_rows(const mx::array& a, const mx::array& idx) {
 } // namespace
 
 AttackEngine::~AttackEngine() {
-  clear();
+  std::unique_lock<std::mutex> serial(core_mutex(), std::try_to_lock);
+  if (serial.owns_lock()) {
+    erase_ids({step_id(), eval_id()});
+  } else {
+    std::lock_guard<std::mutex> lock(pending_mutex);
+    pending_erase.push_back(step_id());
+    pending_erase.push_back(eval_id());
+  }
 }
 
 void AttackEngine::clear() {
-  auto cache = mx::detail::compile_cache();
-  mx::detail::compile_erase(cache, step_id());
-  mx::detail::compile_erase(cache, eval_id());
+  erase_ids({step_id(), eval_id()});
   std::lock_guard<std::mutex> lock(mutex_);
   unroll_by_shape_.clear();
 }
@@ -273,6 +308,8 @@ AttackOutput AttackEngine::run(
     throw std::invalid_argument("[attack] unroll must be >= 0");
   }
 
+  std::lock_guard<std::mutex> serial(core_mutex());
+  drain_pending();  // before this engine's address can be reused by a new engine's ids
   auto x0 = mx::astype(x0_in, mx::float32);
   auto y = mx::astype(y_in, mx::int32);
   auto eps = mx::astype(eps_in, mx::float32);

@@ -14,6 +14,13 @@
 
 namespace mlx_robust {
 
+/**
+ * Serialises every core entry point that builds or evaluates MLX graphs with the GIL released
+ * (MLX's compile cache and graph evaluation are not safe to drive from two threads at once).
+ * Take it only after releasing the GIL: a traced forward re-acquires the GIL while holding it.
+ */
+std::mutex& core_mutex();
+
 /** The model as a pure function of its flattened parameters and an input batch -> logits (N, C). */
 using ForwardFn = std::function<mx::array(const std::vector<mx::array>&, const mx::array&)>;
 
@@ -107,7 +114,8 @@ class AttackEngine {
   /** Unroll depth chosen for inputs of this shape, or 0 if none chosen yet. */
   int chosen_unroll(const mx::Shape& shape) const;
 
-  /** Drop every compiled function of this engine (after the model's structure changed). */
+  /** Drop every compiled function of this engine (after the model's structure changed).
+      Call with core_mutex() held or while no other thread runs the core. */
   void clear();
 
  private:

@@ -82,7 +82,14 @@ void init_attack(nb::module_& m) {
             return self.chosen_unroll(mx::Shape(shape.begin(), shape.end()));
           },
           "shape"_a, "Steps per compiled call chosen for inputs of this shape (0: none yet).")
-      .def("clear", &AttackEngine::clear, "Drop every compiled function of this engine.");
+      .def(
+          "clear",
+          [](AttackEngine& self) {
+            nb::gil_scoped_release nogil;
+            std::lock_guard<std::mutex> serial(core_mutex());
+            self.clear();
+          },
+          "Drop every compiled function of this engine.");
 
   m.def(
       "project",
@@ -142,6 +149,7 @@ void init_validate(nb::module_& m) {
       [](const mx::array& x, const std::optional<std::vector<int>>& sample_shape,
          const mx::array& lo, const mx::array& hi, int max_indices, const std::string& name) {
         nb::gil_scoped_release nogil;
+        std::lock_guard<std::mutex> serial(core_mutex());
         return validate_batch(x, sample_shape, lo, hi, max_indices, name);
       },
       "x"_a, "sample_shape"_a = nb::none(), "lo"_a, "hi"_a, "max_indices"_a = 10, "name"_a = "x",

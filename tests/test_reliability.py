@@ -1,0 +1,88 @@
+"""No leaks, no cross-thread corruption, deterministic results."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import weakref
+
+import mlx.core as mx
+import numpy as np
+
+import mlx_robust as mr
+from mlx_robust.training import fit
+
+
+def _robust(model):
+    return mr.RobustModel(model, bounds=(0.0, 1.0), input_shape=(8, 8, 1), num_classes=10)
+
+
+def test_deleted_wrapper_and_model_are_collected(batch):
+    x, y = batch
+    model = mr.models.MLP(64, hidden=(16,), num_classes=10)
+    robust = _robust(model)
+    robust.attack(x, y, mr.PGD(eps=0.1, steps=3), key=mr.key(0))  # traced: compiled entries exist
+    refs = weakref.ref(model), weakref.ref(robust), weakref.ref(robust._fn)
+    del model, robust
+    gc.collect()
+    assert all(r() is None for r in refs), "the model or its wrapper is kept alive after use"
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def test_repeated_attacks_do_not_grow_memory(mlp, batch):
+    x, y = batch
+    robust = _robust(mlp)
+    attack = mr.PGD(eps=0.1, steps=4)
+    for i in range(30):  # warm-up: traces, allocator caches
+        robust.attack(x, y, attack, key=mr.key(i))
+    gc.collect()
+    before = _rss_bytes()
+    for i in range(300):
+        robust.attack(x, y, attack, key=mr.key(i))
+    gc.collect()
+    growth = (_rss_bytes() - before) / before
+    assert growth < 0.05, f"resident memory grew {growth:.1%} over 300 attacks"
+
+
+def test_two_threads_attack_two_models(digits):
+    x, y = digits[2][:64], digits[3][:64]
+    models = []
+    for seed in (11, 12):
+        mx.random.seed(seed)
+        models.append(fit(mr.models.MLP(64, hidden=(16,), num_classes=10), digits[0], digits[1], epochs=3, seed=seed))
+    attack = mr.PGD(eps=0.1, steps=6, early_stop=False)
+    expected = [np.array(_robust(m).attack(x, y, attack, key=mr.key(5)).x_adv) for m in models]
+    results, errors = [None, None], []
+
+    def work(i):
+        try:
+            robust = _robust(models[i])
+            for _ in range(5):
+                results[i] = np.array(robust.attack(x, y, attack, key=mr.key(5)).x_adv)
+        except Exception as exc:  # reported below, with the thread's exception
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    for got, want in zip(results, expected):
+        np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_same_key_bit_identical_across_runs_and_batch_splits(mlp, digits):
+    x, y = digits[2][:96], digits[3][:96]
+    robust = _robust(mlp)
+    attack = mr.PGD(eps=0.1, steps=5, restarts=2, early_stop=False)
+    a = robust.attack(x, y, attack, key=mr.key(9))
+    b = robust.attack(x, y, attack, key=mr.key(9))
+    halves = robust.attack(x, y, attack, key=mr.key(9), batch_size=48)
+    assert mx.array_equal(a.x_adv, b.x_adv) and mx.array_equal(a.success, b.success)
+    np.testing.assert_allclose(np.array(halves.x_adv), np.array(a.x_adv), atol=1e-6)
+    assert np.array_equal(np.array(halves.success), np.array(a.success))

@@ -36,7 +36,7 @@ if _core.mlx_version != mx.__version__:
     )
 
 from mlx_robust import datasets, models  # noqa: E402
-from mlx_robust.attacks import FGSM, PGD, AttackResult  # noqa: E402
+from mlx_robust.attacks import FGSM, PGD, Attack, AttackResult  # noqa: E402
 from mlx_robust.defences import GaussianNoise  # noqa: E402
 from mlx_robust.model import RobustModel, key  # noqa: E402
 from mlx_robust.validation import ValidationReport, validate  # noqa: E402
@@ -44,6 +44,7 @@ from mlx_robust.validation import ValidationReport, validate  # noqa: E402
 __all__ = [
     "FGSM",
     "PGD",
+    "Attack",
     "AttackResult",
     "GaussianNoise",
     "RobustModel",

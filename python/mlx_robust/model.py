@@ -10,7 +10,7 @@ import mlx.nn as nn
 import numpy as np
 
 from mlx_robust import _functional
-from mlx_robust.attacks import PGD, AttackResult
+from mlx_robust.attacks import PGD, Attack, AttackResult
 from mlx_robust.defences import GaussianNoise
 from mlx_robust.validation import POLICIES, ValidationReport, as_labels, check_bounds, validate
 
@@ -151,7 +151,7 @@ class RobustModel:
         self,
         x: Any,
         y: Any = None,
-        attack: Optional[PGD] = None,
+        attack: Optional[Attack] = None,
         *,
         y_target: Any = None,
         key: Optional[mx.array] = None,
@@ -173,7 +173,7 @@ class RobustModel:
             AttackResult with x_adv, success, norms, logits and loss per sample.
         """
         attack = PGD() if attack is None else attack
-        if not isinstance(attack, PGD):
+        if not isinstance(attack, Attack):
             raise TypeError(f"attack must be an attack configuration such as mr.PGD(...), got {type(attack).__name__}")
         x, _ = self.validate(x)
         n = x.shape[0]
@@ -218,10 +218,10 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
-def _per_sample_fields(attack: PGD) -> dict[str, np.ndarray]:
+def _per_sample_fields(attack: Attack) -> dict[str, np.ndarray]:
     """The attack's per-sample (vector) settings, to be sliced with the batch."""
     out = {}
-    for field in ("eps", "step_size"):
+    for field in attack.per_sample_fields:
         value = getattr(attack, field)
         if value is not None and np.ndim(value) != 0:
             out[field] = np.asarray(value, dtype=np.float32)

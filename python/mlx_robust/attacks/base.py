@@ -1,0 +1,135 @@
+"""What every attack shares: the result type, the base class and argument checks."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional, Sequence, Union
+
+import mlx.core as mx
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mlx_robust.model import RobustModel
+
+EpsLike = Union[float, Sequence[float], np.ndarray, mx.array]
+
+NORMS = ("linf", "l2")
+
+
+@dataclass(frozen=True)
+class AttackResult:
+    """What an attack returns, per sample.
+
+    Attributes:
+        x_adv: adversarial inputs, same shape and dtype as the clean inputs.
+        success: (N,) bool. Untargeted: the model's prediction on ``x_adv`` differs from ``y``;
+            targeted: it equals ``y_target``. A sample misclassified already counts as a success.
+        norms: (N,) float32 perturbation size ``||x_adv - x||`` in the attack's norm.
+        logits: (N, C) float32 model logits on ``x_adv``.
+        loss: (N,) float32 attack objective at ``x_adv`` (higher = stronger).
+        y: (N,) int32 labels attacked (the model's own predictions if none were given).
+        y_target: (N,) int32 targets of a targeted attack, else None.
+        attack: a short description of the attack that produced this result.
+        eot_samples: random draws averaged per step (> 1: EOT against a random defence); the
+            logits and success then refer to the mean logits over that many draws.
+    """
+
+    x_adv: mx.array
+    success: mx.array
+    norms: mx.array
+    logits: mx.array
+    loss: mx.array
+    y: mx.array
+    y_target: Optional[mx.array]
+    attack: str
+    eot_samples: int = 1
+
+    @property
+    def predictions(self) -> mx.array:
+        """(N,) int32 model predictions on ``x_adv``."""
+        return mx.argmax(self.logits, axis=-1).astype(mx.int32)
+
+    @property
+    def success_rate(self) -> float:
+        """Fraction of samples on which the attack succeeded."""
+        return float(mx.mean(self.success.astype(mx.float32)).item())
+
+    @property
+    def robust_accuracy(self) -> float:
+        """Fraction of samples still classified as ``y`` on ``x_adv``."""
+        return float(mx.mean((self.predictions == self.y).astype(mx.float32)).item())
+
+
+def is_int(v: object) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def scalar(v: object) -> Optional[float]:
+    """A Python/numpy/MLX number (0-d) as float, else None (a per-sample vector)."""
+    if isinstance(v, (bool, np.bool_)):
+        raise TypeError(f"expected a number, got {v!r}")
+    if isinstance(v, (int, float, np.number)):
+        return float(v)
+    if isinstance(v, (mx.array, np.ndarray)) and v.ndim == 0:
+        return float(v.item())
+    return None
+
+
+def check_positive(value: object, name: str, allow_zero: bool) -> object:
+    """Validate a scalar or per-sample (N,) setting; returns it with scalars as float."""
+    op = ">= 0" if allow_zero else "> 0"
+    bad = (lambda a: a < 0) if allow_zero else (lambda a: a <= 0)
+    s = scalar(value)
+    if s is not None:
+        if not math.isfinite(s) or bad(s):
+            raise ValueError(f"{name} must be a finite number {op}, got {s}")
+        return s
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} must be a number or a per-sample vector of shape (N,)") from exc
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be a number or a per-sample vector of shape (N,), got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)) or np.any(bad(arr)):
+        every = "finite and >= 0" if allow_zero else "> 0 and finite"
+        raise ValueError(f"{name} must be {every} for every sample")
+    return value
+
+
+def per_sample(value: EpsLike, n: int, name: str) -> mx.array:
+    """A scalar or (N,) vector as an (N,) float32 array; ValueError naming ``name`` otherwise."""
+    s = scalar(value)
+    if s is not None:
+        return mx.full((n,), s, dtype=mx.float32)
+    arr = np.asarray(value, dtype=np.float32)
+    if arr.shape != (n,):
+        raise ValueError(f"{name} must be a number or have shape ({n},) (one per sample), got shape {arr.shape}")
+    return mx.array(arr)
+
+
+class Attack:
+    """Base of every attack configuration (frozen dataclasses holding settings only).
+
+    Subclasses implement ``run(robust, x, y, y_target, key)`` on a validated batch and return an
+    :class:`AttackResult`; ``RobustModel.attack`` validates inputs, slices per-sample settings named
+    in ``per_sample_fields`` with the batch, and restores the model afterwards.
+    """
+
+    per_sample_fields: tuple[str, ...] = ("eps",)
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def run(
+        self,
+        robust: "RobustModel",
+        x: mx.array,
+        y: mx.array,
+        y_target: Optional[mx.array],
+        key: mx.array,
+    ) -> AttackResult:
+        raise NotImplementedError
+
+

@@ -161,6 +161,7 @@ void init_validate(nb::module_& m) {
 // Defined in their own binding files (bind_*.cpp), one per submodule of the core.
 void init_smoothing(nb::module_& m);
 void init_suite(nb::module_& m);
+void init_square(nb::module_& m);
 
 NB_MODULE(_core, m) {
   m.doc() = "mlx-robust C++ core: compiled attack loop and input validation.";
@@ -178,4 +179,5 @@ NB_MODULE(_core, m) {
   init_validate(m);
   init_smoothing(m);
   init_suite(m);
+  init_square(m);
 }

@@ -38,6 +38,7 @@ if _core.mlx_version != mx.__version__:
 from mlx_robust import datasets, models  # noqa: E402
 from mlx_robust.attacks import FGSM, PGD, Attack, AttackResult  # noqa: E402
 from mlx_robust.defences import GaussianNoise  # noqa: E402
+from mlx_robust.evaluate import RobustnessReport, evaluate  # noqa: E402
 from mlx_robust.model import RobustModel, key  # noqa: E402
 from mlx_robust.validation import ValidationReport, validate  # noqa: E402
 
@@ -48,8 +49,10 @@ __all__ = [
     "AttackResult",
     "GaussianNoise",
     "RobustModel",
+    "RobustnessReport",
     "ValidationReport",
     "datasets",
+    "evaluate",
     "key",
     "models",
     "validate",

@@ -145,7 +145,9 @@ class RobustModel:
         """Predicted classes (N,) int32 of a validated batch, computed in eval mode."""
         x, _ = self.validate(x)
         with _functional.preserved(self.model, training=False):
-            return mx.argmax(self._logits(x), axis=-1).astype(mx.int32)
+            logits = self._logits(x)
+        _check_finite_logits(logits)
+        return mx.argmax(logits, axis=-1).astype(mx.int32)
 
     def attack(
         self,
@@ -205,12 +207,23 @@ class RobustModel:
             sl = slice(s, min(s + step, n))
             chunk = dataclasses.replace(attack, **{f: v[sl] for f, v in per_sample.items()}) if per_sample else attack
             parts.append(chunk.run(self, x[sl], y[sl], None if targets is None else targets[sl], key))
+        for part in parts:
+            _check_finite_logits(part.logits)
         if len(parts) == 1:
             return parts[0]
         cat = lambda f: mx.concatenate([getattr(p, f) for p in parts], axis=0)  # noqa: E731
         return AttackResult(
             cat("x_adv"), cat("success"), cat("norms"), cat("logits"), cat("loss"), y, targets, parts[0].attack,
             parts[0].eot_samples,
+        )
+
+
+def _check_finite_logits(logits: mx.array) -> None:
+    bad = np.flatnonzero(~np.array(mx.all(mx.isfinite(logits), axis=-1)))
+    if bad.size:
+        raise ValueError(
+            f"the model returned NaN/Inf logits for {bad.size} sample(s); first offending samples: "
+            f"{bad[:10].tolist()}"
         )
 
 

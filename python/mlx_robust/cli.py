@@ -1,19 +1,87 @@
-"""The ``mlx-robust`` command line: ``mlx-robust demo`` and ``mlx-robust --version``."""
+"""The ``mlx-robust`` command line: ``demo``, ``evaluate`` and ``--version``."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
 import sys
 import time
 from typing import Optional, Sequence
 
 import mlx.core as mx
+import mlx.nn as nn
+
+
+def load_model(spec: str, weights: Optional[str] = None) -> nn.Module:
+    """Build ``module:factory`` (a callable returning an ``nn.Module``) and load ``weights``.
+
+    Raises ValueError with the reason for a bad spec, a factory that does not return a module, or a
+    weights file that does not match the model (MLX names the parameters that differ).
+    """
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"--model must look like 'package.module:factory', got {spec!r}")
+    sys.path.insert(0, os.getcwd())  # a module next to the user's data, as python -m would find it
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"cannot load --model {spec!r}: {exc}") from exc
+    finally:
+        sys.path.pop(0)
+    model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"--model {spec!r} must give an mlx.nn.Module, got {type(model).__name__}")
+    if weights is not None:
+        if not os.path.exists(weights):
+            raise ValueError(f"--weights file {weights!r} does not exist")
+        try:
+            model.load_weights(weights, strict=True)
+        except Exception as exc:  # MLX raises ValueError/RuntimeError naming the mismatched keys
+            raise ValueError(f"--weights {weights!r} do not match the model: {exc}") from exc
+    mx.eval(model.parameters())
+    model.eval()
+    return model
+
+
+def _write_report(report, out: Optional[str]) -> None:
+    print(report.to_markdown())
+    if not out:
+        return
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(report.to_markdown())
+    report.to_json(os.path.join(out, "report.json"))
+    try:
+        report.plot(os.path.join(out, "robust_accuracy.png"))
+        print(f"wrote {out}/report.md, report.json and robust_accuracy.png")
+    except ImportError as exc:
+        print(f"wrote {out}/report.md and report.json ({exc})")
+
+
+def demo_ensemble(eps: float):
+    """The demo's ensemble at one eps: standalone FGSM and PGD, then AutoAttack-style attacks."""
+    import mlx_robust as mr
+
+    return [
+        mr.FGSM(eps=eps),
+        mr.PGD(eps=eps, steps=20),
+    ] + [a for a in _optional_attacks(eps)]
+
+
+def _optional_attacks(eps: float):
+    import mlx_robust as mr
+
+    if hasattr(mr, "APGD"):
+        yield mr.APGD(eps=eps, steps=50)
+    if hasattr(mr, "APGDT"):
+        yield mr.APGDT(eps=eps, steps=50, n_target_classes=3)
+    if hasattr(mr, "Square"):
+        yield mr.Square(eps=eps, n_queries=1000)
 
 
 def demo(args: argparse.Namespace) -> int:
-    """Train a small CNN on the embedded digits, then attack it with FGSM and PGD at several eps."""
-    from tqdm.auto import tqdm
-
+    """Train a small CNN on the embedded digits, then evaluate it under an attack ensemble."""
     import mlx_robust as mr
     from mlx_robust.training import accuracy, fit
 
@@ -28,55 +96,82 @@ def demo(args: argparse.Namespace) -> int:
     fit(model, x_train, y_train, epochs=args.epochs, seed=args.seed, progress="training")
     clean = accuracy(model, x_test, y_test)
     print(f"trained SmallCNN for {args.epochs} epochs in {time.perf_counter() - t0:.1f} s; "
-          f"clean test accuracy {clean:.1%}")
+          f"clean test accuracy {clean:.1%}\n")
 
     robust = mr.RobustModel(model, bounds=(0.0, 1.0), input_shape=(8, 8, 1), num_classes=10)
-    attacks = {
-        "FGSM": lambda e: mr.FGSM(eps=e),
-        f"PGD-{args.steps}": lambda e: mr.PGD(eps=e, steps=args.steps),
-    }
     eps_list = [float(e) for e in args.eps]
-    rows = {name: [] for name in attacks}
     t0 = time.perf_counter()
-    with tqdm(total=len(eps_list) * len(attacks), desc="attacking", unit="attack", leave=False) as bar:
-        for e in eps_list:
-            for name, make in attacks.items():
-                res = robust.attack(x_test, y_test, make(e), key=mr.key(args.seed))
-                rows[name].append(res.robust_accuracy)
-                bar.update(1)
-    elapsed = time.perf_counter() - t0
+    report = mr.evaluate(robust, x_test, y_test, attacks=demo_ensemble(max(eps_list)), eps=eps_list,
+                         key=mr.key(args.seed), progress=True)
+    print(f"Robustness of the standard model (L-inf, {len(report.attacks)} attacks x {len(eps_list)} eps "
+          f"in {time.perf_counter() - t0:.1f} s):\n")
+    _write_report(report, args.out)
+    for extra in _demo_extensions():
+        print(extra(model, x_train, y_train, x_test, y_test, args))
+    return 0
 
-    header = "| attack | " + " | ".join(f"eps={e:g}" for e in eps_list) + " |"
-    print()
-    print("Robust accuracy on the digits test set (L-inf, inputs in [0, 1]); clean "
-          f"accuracy {clean:.1%}")
-    print(header)
-    print("|" + "---|" * (len(eps_list) + 1))
-    for name, accs in rows.items():
-        print(f"| {name} | " + " | ".join(f"{a:.1%}" for a in accs) + " |")
-    print(f"\n{len(eps_list) * len(attacks)} attacks on {x_test.shape[0]} images in {elapsed:.1f} s")
+
+def _demo_extensions():
+    """Further demo sections (adversarial training, certification) where those modules exist."""
+    return []
+
+
+def evaluate_cmd(args: argparse.Namespace) -> int:
+    """Evaluate a user's model on a user's .npz file and write the report."""
+    import mlx_robust as mr
+
+    model = load_model(args.model, args.weights)
+    x, y = mr.datasets.load_npz(args.data)
+    if args.limit:
+        x, y = x[: args.limit], y[: args.limit]
+    robust = mr.RobustModel(model, bounds=tuple(args.bounds), input_shape=tuple(x.shape[1:]))
+    report = mr.evaluate(robust, x, y, attacks=args.attacks, eps=args.eps, norm=args.norm,
+                         batch_size=args.batch_size, key=mr.key(args.seed), progress=True)
+    _write_report(report, args.out)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     import mlx_robust as mr
+    from mlx_robust.evaluate import attack_names
 
     parser = argparse.ArgumentParser(prog="mlx-robust", description="Adversarial robustness for MLX.")
     parser.add_argument("--version", action="version", version=f"mlx-robust {mr.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="train a small CNN on the embedded digits and attack it")
+
+    p = sub.add_parser("demo", help="train a small CNN on the embedded digits and evaluate it")
     p.add_argument("--epochs", type=int, default=15, help="training epochs (default 15)")
-    p.add_argument("--steps", type=int, default=20, help="PGD steps (default 20)")
     p.add_argument("--eps", nargs="+", default=["0", "0.05", "0.1", "0.2", "0.3"],
                    help="L-inf radii to attack at (default 0 0.05 0.1 0.2 0.3)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--out", default="mlx-robust-demo", help="folder for report.md/json and the plot "
+                   "(default ./mlx-robust-demo; '' to skip)")
     p.set_defaults(func=demo)
+
+    p = sub.add_parser("evaluate", help="evaluate a model on your data under an attack ensemble")
+    p.add_argument("--model", required=True, help="'package.module:factory' returning an mlx.nn.Module")
+    p.add_argument("--weights", help=".safetensors/.npz weights for the model (model.load_weights)")
+    p.add_argument("--data", required=True, help=".npz with arrays x (N, ...) in the bounds and y (N,)")
+    p.add_argument("--eps", nargs="+", type=float, default=[0.0, 0.1, 0.2, 0.3], help="radii")
+    p.add_argument("--attacks", nargs="+", default=None, choices=attack_names(),
+                   help="attacks (default: apgd-ce apgd-t square, with per-sample early stop)")
+    p.add_argument("--norm", choices=["linf", "l2"], default="linf")
+    p.add_argument("--bounds", nargs=2, type=float, default=[0.0, 1.0], metavar=("LO", "HI"))
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="folder for report.md, report.json, robust_accuracy.png")
+    p.set_defaults(func=evaluate_cmd)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ValueError as exc:
+        print(f"mlx-robust: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@
 #include <nanobind/stl/vector.h>
 
 #include "attack.h"
+#include "bind_util.h"
 #include "project.h"
 #include "validate.h"
 
@@ -14,22 +15,6 @@ using namespace nb::literals;
 using namespace mlx_robust;
 
 namespace {
-
-// Borrow the Python callable: the caller keeps it alive for the call, and nothing C++ stores
-// holds a reference to it, so no hidden cycle can keep the model alive.
-ForwardFn borrow_forward(nb::handle fn) {
-  return [fn](const std::vector<mx::array>& params, const mx::array& x) -> mx::array {
-    nb::gil_scoped_acquire gil;
-    nb::object out = fn(nb::cast(params), nb::cast(x));
-    mx::array* arr = nullptr;
-    if (!nb::try_cast<mx::array*>(out, arr) || arr == nullptr) {
-      throw std::invalid_argument(
-          std::string("[attack] the model must return an mx.array of floating-point logits, got ") +
-          nb::type_name(out.type()).c_str());
-    }
-    return *arr;
-  };
-}
 
 void init_attack(nb::module_& m) {
   nb::class_<AttackEngine>(m, "AttackEngine",
@@ -44,9 +29,7 @@ void init_attack(nb::module_& m) {
              int restarts, bool random_start, bool targeted, bool track_best, bool early_stop,
              int unroll, bool stochastic, int eot_samples, const mx::array& key,
              const std::optional<mx::array>& probs) {
-            if (!PyCallable_Check(forward.ptr())) {
-              throw std::invalid_argument("[attack] forward must be callable");
-            }
+            require_callable(forward);
             AttackConfig cfg;
             cfg.norm = parse_norm(norm);
             cfg.loss = parse_loss(loss);

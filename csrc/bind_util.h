@@ -1,0 +1,44 @@
+// Helpers shared by the binding files (bind_*.cpp, bindings.cpp).
+#pragma once
+
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/vector.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "attack.h"
+
+namespace mlx_robust {
+
+namespace nb = nanobind;
+
+/**
+ * Borrow a Python model callable `fn(params: list[mx.array], x: mx.array) -> mx.array` as a
+ * ForwardFn. The caller keeps it alive for the call, and nothing C++ stores holds a reference, so
+ * no hidden cycle can keep the model alive. The GIL is re-acquired for each call (the core runs
+ * with it released) and a non-array result becomes std::invalid_argument("[<where>] ...").
+ */
+inline ForwardFn borrow_forward(nb::handle fn, const char* where = "attack") {
+  std::string tag(where);
+  return [fn, tag](const std::vector<mx::array>& params, const mx::array& x) -> mx::array {
+    nb::gil_scoped_acquire gil;
+    nb::object out = fn(nb::cast(params), nb::cast(x));
+    mx::array* arr = nullptr;
+    if (!nb::try_cast<mx::array*>(out, arr) || arr == nullptr) {
+      throw std::invalid_argument(
+          "[" + tag + "] the model must return an mx.array of floating-point logits, got " +
+          nb::type_name(out.type()).c_str());
+    }
+    return *arr;
+  };
+}
+
+/** Throw std::invalid_argument("[<where>] forward must be callable") unless `fn` is callable. */
+inline void require_callable(nb::handle fn, const char* where = "attack") {
+  if (!PyCallable_Check(fn.ptr())) {
+    throw std::invalid_argument(std::string("[") + where + "] forward must be callable");
+  }
+}
+
+} // namespace mlx_robust

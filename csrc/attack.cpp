@@ -41,6 +41,24 @@ void drain_pending() {
 
 } // namespace
 
+void check_labels(const mx::array& y, int num_classes, const char* where, const char* name) {
+  if (!mx::issubdtype(y.dtype(), mx::integer)) {
+    throw std::invalid_argument(std::string("[") + where + "] " + name + " must hold integer class labels");
+  }
+  if (y.size() == 0) {
+    return;
+  }
+  auto range = mx::astype(mx::stack({mx::min(y), mx::max(y)}), mx::int64);
+  mx::eval(range);
+  auto r = range.data<int64_t>();
+  if (r[0] < 0 || r[1] >= num_classes) {
+    std::ostringstream os;
+    os << "[" << where << "] " << name << " must lie in [0, " << num_classes << "), got labels in ["
+       << r[0] << ", " << r[1] << "]";
+    throw std::invalid_argument(os.str());
+  }
+}
+
 LossKind parse_loss(const std::string& loss) {
   if (loss == "ce" || loss == "cross_entropy") {
     return LossKind::CrossEntropy;
@@ -291,6 +309,7 @@ AttackOutput AttackEngine::run(
   if (num_classes < 1) {
     throw std::invalid_argument("[attack] num_classes must be >= 1");
   }
+  check_labels(y_in, num_classes);
   if (cfg.steps < 1 || cfg.restarts < 1) {
     throw std::invalid_argument("[attack] steps and restarts must be >= 1");
   }

@@ -26,6 +26,13 @@ using ForwardFn = std::function<mx::array(const std::vector<mx::array>&, const m
 
 enum class LossKind : int { CrossEntropy = 0, Margin = 1, KL = 2 };
 
+/**
+ * Check that every label in `y` (N,) lies in [0, num_classes): an out-of-range label would make
+ * the gather in the loss, and the scatter in its gradient, touch memory outside the logits.
+ * Evaluates `y` (one small host sync). Throws std::invalid_argument("[<where>] ...").
+ */
+void check_labels(const mx::array& y, int num_classes, const char* where = "attack", const char* name = "y");
+
 /** Parse "ce" / "margin" / "kl"; throws on anything else. */
 LossKind parse_loss(const std::string& loss);
 

@@ -101,6 +101,10 @@ void init_attack(nb::module_& m) {
       "attack_objective",
       [](const mx::array& logits, const mx::array& y, const std::string& loss, bool targeted,
          const std::optional<mx::array>& probs) {
+        if (logits.ndim() != 2 || y.ndim() != 1 || y.shape(0) != logits.shape(0)) {
+          throw std::invalid_argument("[attack_objective] logits must be (N, C) and y (N,)");
+        }
+        check_labels(y, logits.shape(1), "attack_objective");
         return attack_objective(logits, y, parse_loss(loss), targeted, probs);
       },
       "logits"_a, "y"_a, "loss"_a = "ce", "targeted"_a = false, "probs"_a = nb::none(),

@@ -86,3 +86,36 @@ def test_same_key_bit_identical_across_runs_and_batch_splits(mlp, digits):
     assert mx.array_equal(a.x_adv, b.x_adv) and mx.array_equal(a.success, b.success)
     np.testing.assert_allclose(np.array(halves.x_adv), np.array(a.x_adv), atol=1e-6)
     assert np.array_equal(np.array(halves.success), np.array(a.success))
+
+
+def test_core_rejects_out_of_range_labels_instead_of_corrupting_memory():
+    # Found by the long fuzz run: labels outside [0, C) reached the loss's gather and its gradient's
+    # scatter and corrupted the heap. The core now checks them; run in a subprocess so a regression
+    # shows as a crash, not as a hung test session.
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import mlx.core as mx, mlx_robust as mr
+        from mlx_robust import _functional
+        m = mr.models.MLP(4, hidden=(), num_classes=3)
+        fn = _functional.ModelFunction(m)
+        names, params = fn.flat_parameters()
+        fwd = fn._forward(names, params)
+        x = mx.random.uniform(shape=(3, 4))
+        errors = 0
+        for labels in ([5000000, -7000000, 2], [3, 0, 1], [-1, 0, 1]):
+            for targeted in (False, True):
+                try:
+                    mr._core.AttackEngine().run(fwd, params, x, mx.array(labels, mx.int32), mx.full((3,), 0.1),
+                                                mx.full((3,), 0.1), mx.array(0.), mx.array(1.), num_classes=3,
+                                                steps=2, targeted=targeted, key=mr.key(0))
+                except ValueError as exc:
+                    assert "y must lie in [0, 3)" in str(exc), exc
+                    errors += 1
+        print(errors)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "6"

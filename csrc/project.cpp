@@ -1,6 +1,7 @@
 #include "project.h"
 
 #include <stdexcept>
+#include <string>
 
 namespace mlx_robust {
 
@@ -22,6 +23,24 @@ static std::vector<int> feature_axes(int ndim) {
   return axes;
 }
 
+namespace {
+
+// Shape checks shared by the public helpers: they are bound to Python and must never read past
+// a shape (a rank-0 x or a mismatched eps would otherwise index out of bounds).
+void check_batch_and_vector(const mx::array& x, const mx::array& v, const char* where, const char* vname) {
+  if (x.ndim() < 1 || x.shape(0) < 1) {
+    throw std::invalid_argument(std::string("[") + where + "] x must be a non-empty batch (N, ...)");
+  }
+  if (v.ndim() != 1 || v.shape(0) != x.shape(0)) {
+    throw std::invalid_argument(std::string("[") + where + "] " + vname + " must have shape (N,) with N = x.shape[0]");
+  }
+  if (!mx::issubdtype(x.dtype(), mx::floating)) {
+    throw std::invalid_argument(std::string("[") + where + "] x must be floating point");
+  }
+}
+
+} // namespace
+
 mx::array per_sample(const mx::array& v, int ndim) {
   mx::Shape shape(ndim, 1);
   shape[0] = v.shape(0);
@@ -31,7 +50,7 @@ mx::array per_sample(const mx::array& v, int ndim) {
 mx::array batch_norm_of(const mx::array& delta, Norm norm) {
   auto axes = feature_axes(delta.ndim());
   if (axes.empty()) {
-    return norm == Norm::Linf ? mx::abs(delta) : mx::abs(delta);
+    return mx::abs(delta);  // one feature per sample: both norms are |.|
   }
   if (norm == Norm::Linf) {
     return mx::max(mx::abs(delta), axes);
@@ -40,6 +59,10 @@ mx::array batch_norm_of(const mx::array& delta, Norm norm) {
 }
 
 mx::array ascent_step(const mx::array& x, const mx::array& grad, const mx::array& alpha, Norm norm) {
+  check_batch_and_vector(x, alpha, "ascent_step", "alpha");
+  if (grad.shape() != x.shape()) {
+    throw std::invalid_argument("[ascent_step] grad must have the shape of x");
+  }
   auto a = per_sample(alpha, x.ndim());
   if (norm == Norm::Linf) {
     return mx::add(x, mx::multiply(a, mx::sign(grad)));
@@ -56,6 +79,10 @@ mx::array project(
     const mx::array& lo,
     const mx::array& hi,
     Norm norm) {
+  check_batch_and_vector(x, eps, "project", "eps");
+  if (x0.shape() != x.shape()) {
+    throw std::invalid_argument("[project] x0 must have the shape of x");
+  }
   auto e = per_sample(eps, x.ndim());
   auto delta = mx::subtract(x, x0);
   if (norm == Norm::Linf) {
@@ -75,6 +102,10 @@ mx::array random_start(
     const mx::array& hi,
     Norm norm,
     const mx::array& key) {
+  check_batch_and_vector(x0, eps, "random_start", "eps");
+  if (key.ndim() != 1 || key.shape(0) != 2 || key.dtype() != mx::uint32) {
+    throw std::invalid_argument("[random_start] key must be a PRNG key (2,) uint32");
+  }
   mx::Shape sample_shape(x0.shape().begin() + 1, x0.shape().end());
   auto e = per_sample(eps, x0.ndim());
   mx::array delta(0.0f);

@@ -165,6 +165,3 @@ class FGSM(PGD):
 
     def step_sizes(self, eps: mx.array) -> mx.array:
         return eps if self.step_size is None else super().step_sizes(eps)
-
-
-Attack = PGD

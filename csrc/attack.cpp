@@ -514,7 +514,9 @@ AttackOutput AttackEngine::run(
 
       std::vector<bool> succ_seen;
       while (done < cfg.steps) {
-        int k = std::min(unroll, cfg.steps - done);
+        // Full chunks of `unroll` steps, then single steps: only two step graphs per shape, so a
+        // later call with another step count never traces again.
+        int k = cfg.steps - done >= unroll ? unroll : 1;
         auto prev_success = state[3];
         run_chunk(k);
         done += k;

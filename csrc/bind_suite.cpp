@@ -1,8 +1,180 @@
 // Python bindings for the attack suite beyond PGD: APGD, Carlini-Wagner, Square.
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
+#include <nanobind/stl/vector.h>
+
+#include "apgd.h"
+#include "attack.h"
+#include "cw.h"
+#include "project.h"
 
 namespace nb = nanobind;
+using namespace nb::literals;
+using namespace mlx_robust;
+
+namespace {
+
+// Borrow the Python callable (as bindings.cpp does): the caller keeps it alive for the call, and
+// nothing C++ stores holds a reference to it, so no hidden cycle can keep the model alive.
+ForwardFn borrow_forward(nb::handle fn, const char* tag) {
+  std::string prefix = std::string("[") + tag + "] ";
+  return [fn, prefix](const std::vector<mx::array>& params, const mx::array& x) -> mx::array {
+    nb::gil_scoped_acquire gil;
+    nb::object out = fn(nb::cast(params), nb::cast(x));
+    mx::array* arr = nullptr;
+    if (!nb::try_cast<mx::array*>(out, arr) || arr == nullptr) {
+      throw std::invalid_argument(prefix + "the model must return an mx.array of floating-point logits, got " +
+                                  nb::type_name(out.type()).c_str());
+    }
+    return *arr;
+  };
+}
+
+void check_callable(nb::handle forward, const char* tag) {
+  if (!PyCallable_Check(forward.ptr())) {
+    throw std::invalid_argument(std::string("[") + tag + "] forward must be callable");
+  }
+}
+
+nb::tuple as_tuple(const AttackOutput& out) {
+  return nb::make_tuple(out.x_adv, out.success, out.loss, out.logits, out.norms);
+}
+
+} // namespace
 
 void init_suite(nb::module_& m) {
-  (void)m;
+  nb::class_<ApgdEngine>(m, "ApgdEngine",
+      "Compiled Auto-PGD loop for one model (Croce & Hein 2020; see csrc/apgd.h).")
+      .def(nb::init<>())
+      .def(
+          "run",
+          [](ApgdEngine& self, nb::handle forward, const std::vector<mx::array>& params,
+             const mx::array& x0, const mx::array& y, const mx::array& eps, const mx::array& lo,
+             const mx::array& hi, int num_classes, const std::string& norm, const std::string& loss,
+             int steps, int restarts, int n_target_classes, const std::optional<mx::array>& target,
+             float rho, bool early_stop, int unroll, bool stochastic, int eot_samples,
+             const mx::array& key) {
+            check_callable(forward, "apgd");
+            ApgdConfig cfg;
+            try {
+              cfg.norm = parse_norm(norm);
+            } catch (const std::invalid_argument&) {
+              throw std::invalid_argument("[apgd] norm must be 'linf' or 'l2', got '" + norm + "'");
+            }
+            cfg.loss = parse_apgd_loss(loss);
+            cfg.steps = steps;
+            cfg.restarts = restarts;
+            cfg.n_target_classes = n_target_classes;
+            cfg.targeted = target.has_value();
+            cfg.rho = rho;
+            cfg.early_stop = early_stop;
+            cfg.unroll = unroll;
+            cfg.stochastic = stochastic;
+            cfg.eot_samples = eot_samples;
+            auto fn = borrow_forward(forward, "apgd");
+            AttackOutput out = [&] {
+              nb::gil_scoped_release nogil;
+              return self.run(fn, params, x0, y, target, eps, lo, hi, num_classes, cfg, key);
+            }();
+            return as_tuple(out);
+          },
+          "forward"_a, "params"_a, "x0"_a, "y"_a, "eps"_a, "lo"_a, "hi"_a, nb::kw_only(),
+          "num_classes"_a, "norm"_a = "linf", "loss"_a = "ce", "steps"_a = 100, "restarts"_a = 1,
+          "n_target_classes"_a = 0, "target"_a = nb::none(), "rho"_a = 0.75f, "early_stop"_a = true,
+          "unroll"_a = 0, "stochastic"_a = false, "eot_samples"_a = 1, "key"_a,
+          "Run APGD; returns (x_adv, success, loss, logits, norms). `y` are the true labels; "
+          "`target` (N,) makes it targeted (success = argmax == target); n_target_classes > 0 is "
+          "APGD-T (targeted DLR towards the top-k other classes, success = argmax != y). "
+          "`forward(params, x)` is called only while tracing; with stochastic=True the last "
+          "element of `params` is a PRNG key for the draw. One engine per model.")
+      .def_prop_ro("trace_count", &ApgdEngine::trace_count,
+          "Times the model was traced (Python ran) since construction.")
+      .def(
+          "chosen_unroll",
+          [](const ApgdEngine& self, const std::vector<int>& shape) {
+            return self.chosen_unroll(mx::Shape(shape.begin(), shape.end()));
+          },
+          "shape"_a, "Steps per compiled call chosen for inputs of this shape (0: none yet).")
+      .def(
+          "clear",
+          [](ApgdEngine& self) {
+            nb::gil_scoped_release nogil;
+            std::lock_guard<std::mutex> serial(core_mutex());
+            self.clear();
+          },
+          "Drop every compiled function of this engine.");
+
+  nb::class_<CwEngine>(m, "CwEngine",
+      "Compiled Carlini-Wagner L2 loop for one model (Carlini & Wagner 2017; see csrc/cw.h).")
+      .def(nb::init<>())
+      .def(
+          "run",
+          [](CwEngine& self, nb::handle forward, const std::vector<mx::array>& params,
+             const mx::array& x0, const mx::array& y, const mx::array& lo, const mx::array& hi,
+             int num_classes, bool targeted, float c, float kappa, int steps, float lr,
+             int binary_search_steps, bool early_abort, int unroll, bool stochastic, int eot_samples,
+             const mx::array& key) {
+            check_callable(forward, "cw");
+            CwConfig cfg;
+            cfg.targeted = targeted;
+            cfg.initial_const = c;
+            cfg.kappa = kappa;
+            cfg.steps = steps;
+            cfg.lr = lr;
+            cfg.binary_search_steps = binary_search_steps;
+            cfg.early_abort = early_abort;
+            cfg.unroll = unroll;
+            cfg.stochastic = stochastic;
+            cfg.eot_samples = eot_samples;
+            auto fn = borrow_forward(forward, "cw");
+            AttackOutput out = [&] {
+              nb::gil_scoped_release nogil;
+              return self.run(fn, params, x0, y, lo, hi, num_classes, cfg, key);
+            }();
+            return as_tuple(out);
+          },
+          "forward"_a, "params"_a, "x0"_a, "y"_a, "lo"_a, "hi"_a, nb::kw_only(), "num_classes"_a,
+          "targeted"_a = false, "c"_a = 1.0f, "kappa"_a = 0.0f, "steps"_a = 100, "lr"_a = 0.01f,
+          "binary_search_steps"_a = 5, "early_abort"_a = true, "unroll"_a = 0, "stochastic"_a = false,
+          "eot_samples"_a = 1, "key"_a,
+          "Run C&W L2; returns (x_adv, success, loss, logits, norms) with L2 norms and loss the "
+          "logit margin at x_adv. With targeted=True, `y` holds the targets. `forward(params, x)` "
+          "is called only while tracing. One engine per model.")
+      .def_prop_ro("trace_count", &CwEngine::trace_count,
+          "Times the model was traced (Python ran) since construction.")
+      .def(
+          "chosen_unroll",
+          [](const CwEngine& self, const std::vector<int>& shape) {
+            return self.chosen_unroll(mx::Shape(shape.begin(), shape.end()));
+          },
+          "shape"_a, "Steps per compiled call chosen for inputs of this shape (0: none yet).")
+      .def(
+          "clear",
+          [](CwEngine& self) {
+            nb::gil_scoped_release nogil;
+            std::lock_guard<std::mutex> serial(core_mutex());
+            self.clear();
+          },
+          "Drop every compiled function of this engine.");
+
+  m.def(
+      "dlr_loss",
+      [](const mx::array& logits, const mx::array& y, const std::optional<mx::array>& target) {
+        return target ? dlr_loss_targeted(logits, y, *target) : dlr_loss(logits, y);
+      },
+      "logits"_a, "y"_a, "target"_a = nb::none(),
+      "Per-sample DLR loss of Croce & Hein (2020), to maximise; with `target`, the targeted DLR.");
+  m.def(
+      "cw_margin_loss",
+      [](const mx::array& logits, const mx::array& y, float kappa, bool targeted) {
+        return cw_margin_loss(logits, y, kappa, targeted);
+      },
+      "logits"_a, "y"_a, "kappa"_a = 0.0f, "targeted"_a = false,
+      "Per-sample Carlini-Wagner margin loss max(Z_y - max_{j!=y} Z_j, -kappa), to minimise "
+      "(targeted: max(max_{j!=t} Z_j - Z_t, -kappa)).");
+  m.def(
+      "apgd_checkpoints", &apgd_checkpoints, "steps"_a,
+      "Iterations after which APGD may halve its step size (Croce & Hein 2020, §3.1).");
 }

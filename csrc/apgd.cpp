@@ -1,0 +1,710 @@
+#include "apgd.h"
+
+#include <algorithm>
+#include <chrono>
+#include <limits>
+#include <sstream>
+#include <stdexcept>
+
+#include "mlx/compile_impl.h"
+
+namespace mlx_robust {
+
+namespace suite {
+
+namespace {
+std::mutex pending_mutex;
+std::vector<std::uintptr_t> pending_ids;
+} // namespace
+
+void erase_ids(const std::vector<std::uintptr_t>& ids) {
+  auto cache = mx::detail::compile_cache();
+  for (auto id : ids) {
+    mx::detail::compile_erase(cache, id);
+  }
+}
+
+void release_ids(const std::vector<std::uintptr_t>& ids) {
+  std::unique_lock<std::mutex> serial(core_mutex(), std::try_to_lock);
+  if (serial.owns_lock()) {
+    erase_ids(ids);
+    return;
+  }
+  std::lock_guard<std::mutex> lock(pending_mutex);
+  pending_ids.insert(pending_ids.end(), ids.begin(), ids.end());
+}
+
+void drain_pending() {
+  std::vector<std::uintptr_t> ids;
+  {
+    std::lock_guard<std::mutex> lock(pending_mutex);
+    ids.swap(pending_ids);
+  }
+  erase_ids(ids);
+}
+
+int unroll_for_step_ms(double ms) {
+  return ms < 2.0 ? 10 : (ms < 6.0 ? 4 : 1);
+}
+
+int next_pow2(int n) {
+  int p = 1;
+  while (p < n) {
+    p <<= 1;
+  }
+  return p;
+}
+
+void check_batch(const mx::array& x, const mx::array& y, int num_classes, const char* tag) {
+  std::string t(tag);
+  if (x.ndim() < 2 || x.shape(0) < 1) {
+    throw std::invalid_argument("[" + t + "] x must be a non-empty batch of rank >= 2");
+  }
+  if (!mx::issubdtype(x.dtype(), mx::floating)) {
+    throw std::invalid_argument("[" + t + "] x must be floating point");
+  }
+  if (y.ndim() != 1 || y.shape(0) != x.shape(0)) {
+    throw std::invalid_argument("[" + t + "] y must have shape (N,) matching x");
+  }
+  if (num_classes < 2) {
+    throw std::invalid_argument("[" + t + "] num_classes must be >= 2, got " + std::to_string(num_classes));
+  }
+}
+
+mx::array checked_logits(
+    const ForwardFn& forward,
+    const std::vector<mx::array>& params,
+    const mx::array& x,
+    int num_classes,
+    const char* tag) {
+  auto logits = forward(params, x);
+  if (logits.ndim() != 2 || logits.shape(0) != x.shape(0) || logits.shape(1) != num_classes) {
+    std::ostringstream msg;
+    msg << "[" << tag << "] model output must have shape (" << x.shape(0) << ", " << num_classes
+        << ") for a batch of " << x.shape(0) << ", got (";
+    for (int i = 0; i < static_cast<int>(logits.ndim()); ++i) {
+      msg << (i ? ", " : "") << logits.shape(i);
+    }
+    msg << (logits.ndim() == 1 ? ",)" : ")");
+    throw std::invalid_argument(msg.str());
+  }
+  if (!mx::issubdtype(logits.dtype(), mx::floating)) {
+    throw std::invalid_argument(std::string("[") + tag + "] model output must be floating point logits");
+  }
+  return mx::astype(logits, mx::float32);
+}
+
+Scored score(
+    const ForwardFn& forward,
+    const std::vector<mx::array>& params,
+    const mx::array& x,
+    int num_classes,
+    bool stochastic,
+    int eot_samples,
+    const mx::array& draw_key,
+    const ObjectiveFn& objective,
+    const char* tag) {
+  auto objective_of = [&](const mx::array& z) {
+    return objective ? objective(z) : mx::zeros({z.shape(0)}, mx::float32);
+  };
+  if (!stochastic) {
+    auto z = checked_logits(forward, params, x, num_classes, tag);
+    return {objective_of(z), z};
+  }
+  auto draws = mx::random::split(draw_key, std::max(eot_samples, 2));
+  std::optional<mx::array> total, logits;
+  for (int e = 0; e < eot_samples; ++e) {
+    std::vector<mx::array> p(params);
+    p.push_back(mx::take(draws, e, 0));  // the trailing parameter of a stochastic forward
+    auto z = checked_logits(forward, p, x, num_classes, tag);
+    auto l = objective_of(z);
+    total = total ? mx::add(*total, l) : l;
+    logits = logits ? mx::add(*logits, z) : z;
+  }
+  auto inv = mx::array(1.0f / eot_samples);
+  return {mx::multiply(*total, inv), mx::multiply(*logits, inv)};
+}
+
+} // namespace suite
+
+namespace {
+
+mx::array column(const mx::array& a, int j) {
+  return mx::take(a, j, 1);
+}
+
+mx::array label_logit(const mx::array& z, const mx::array& y) {
+  auto yi = mx::expand_dims(mx::astype(y, mx::int32), -1);
+  return mx::squeeze(mx::take_along_axis(z, yi, -1), -1);
+}
+
+mx::array max_other(const mx::array& z, const mx::array& y) {
+  auto yi = mx::expand_dims(mx::astype(y, mx::int32), -1);
+  auto classes = mx::expand_dims(mx::arange(z.shape(-1), mx::int32), 0);
+  return mx::max(
+      mx::where(mx::equal(classes, yi), mx::array(-std::numeric_limits<float>::infinity()), z), -1);
+}
+
+} // namespace
+
+mx::array dlr_loss(const mx::array& logits, const mx::array& y) {
+  auto z = mx::astype(logits, mx::float32);
+  const int c = z.ndim() == 2 ? z.shape(1) : 0;
+  if (c < 3) {
+    throw std::invalid_argument("[apgd] the DLR loss needs logits (N, C) with C >= 3 classes, got C = " +
+                                std::to_string(c));
+  }
+  auto s = mx::sort(z, -1);
+  auto scale = mx::add(mx::subtract(column(s, c - 1), column(s, c - 3)), mx::array(1e-12f));
+  return mx::negative(mx::divide(mx::subtract(label_logit(z, y), max_other(z, y)), scale));
+}
+
+mx::array dlr_loss_targeted(const mx::array& logits, const mx::array& y, const mx::array& target) {
+  auto z = mx::astype(logits, mx::float32);
+  const int c = z.ndim() == 2 ? z.shape(1) : 0;
+  if (c < 4) {
+    throw std::invalid_argument(
+        "[apgd] the targeted DLR loss needs logits (N, C) with C >= 4 classes, got C = " + std::to_string(c));
+  }
+  auto s = mx::sort(z, -1);
+  auto mid = mx::multiply(mx::add(column(s, c - 3), column(s, c - 4)), mx::array(0.5f));
+  auto scale = mx::add(mx::subtract(column(s, c - 1), mid), mx::array(1e-12f));
+  return mx::negative(mx::divide(mx::subtract(label_logit(z, y), label_logit(z, target)), scale));
+}
+
+ApgdLoss parse_apgd_loss(const std::string& loss) {
+  if (loss == "ce" || loss == "cross_entropy") {
+    return ApgdLoss::CrossEntropy;
+  }
+  if (loss == "dlr") {
+    return ApgdLoss::DLR;
+  }
+  throw std::invalid_argument("[apgd] loss must be 'ce' or 'dlr', got '" + loss + "'");
+}
+
+std::vector<int> apgd_checkpoints(int steps) {
+  if (steps < 1) {
+    throw std::invalid_argument("[apgd] steps must be >= 1, got " + std::to_string(steps));
+  }
+  // Integer interval lengths as in the authors' code (auto-attack, autopgd_base.py).
+  int k = std::max(static_cast<int>(0.22 * steps), 1);
+  const int decrease = std::max(static_cast<int>(0.03 * steps), 1);
+  const int smallest = std::max(static_cast<int>(0.06 * steps), 1);
+  std::vector<int> out;
+  int w = 0;
+  while (w + k <= steps) {
+    w += k;
+    out.push_back(w);
+    k = std::max(k - decrease, smallest);
+  }
+  return out;
+}
+
+namespace {
+
+constexpr uint64_t kApgdTag = 0x41504744;  // keeps these entries apart from other engines' ids
+constexpr float kMomentum = 0.75f;          // Croce & Hein 2020, alpha in eq. (3)
+
+// Compiled-function input layout of the step: the per-sample state, then the fixed inputs.
+enum Slot : int {
+  X = 0,  // current iterate x_k
+  XP,     // previous iterate x_{k-1} (momentum)
+  G,      // gradient at x_k
+  ETA,    // step size (N,)
+  XB,     // x_max: highest-objective iterate of this run
+  LB,     // f_max
+  GB,     // gradient at x_max
+  LP,     // objective at x_k (to count increases)
+  NI,     // increases since the last checkpoint
+  LBL,    // f_max at the last checkpoint
+  RED,    // step size halved at the last checkpoint
+  RX,     // result: first successful iterate, else the highest-objective one
+  RL,
+  RS,
+  RZ,
+  NUM_STATE,
+  X0 = NUM_STATE,
+  Y,
+  TGT,
+  EPS,
+  LO,
+  HI,
+  KEYS,   // (steps + 1, 2): draw keys of a stochastic model (key 0 scores the start)
+  CKPT,   // (steps,): interval length at the steps that end at a checkpoint, else 0
+  RHO,
+  T0,
+  NUM_SLOTS
+};
+
+// Inputs of the run's first evaluation (at the random start).
+enum InitSlot : int { I_START = 0, I_X0, I_Y, I_TGT, I_EPS, I_LO, I_HI, I_KEYS, I_NUM };
+
+struct Best {
+  mx::array x, loss, success, logits;
+};
+
+// Keep the first success; among failures keep the highest objective. NaN never replaces.
+Best keep_best(const Best& old, const Best& cand, int ndim) {
+  auto take_new = mx::logical_and(
+      mx::logical_not(old.success),
+      mx::logical_or(cand.success, mx::greater(cand.loss, old.loss)));
+  return {
+      mx::where(per_sample(take_new, ndim), cand.x, old.x),
+      mx::where(take_new, cand.loss, old.loss),
+      mx::logical_or(old.success, cand.success),
+      mx::where(mx::expand_dims(take_new, -1), cand.logits, old.logits)};
+}
+
+bool toward_target(const ApgdConfig& cfg) {
+  return cfg.targeted || cfg.n_target_classes > 0;
+}
+
+suite::ObjectiveFn objective_for(const ApgdConfig& cfg, const mx::array& y, const mx::array& tgt) {
+  bool toward = toward_target(cfg);
+  ApgdLoss loss = cfg.loss;
+  return [toward, loss, y, tgt](const mx::array& z) {
+    if (loss == ApgdLoss::CrossEntropy) {
+      return toward ? attack_objective(z, tgt, LossKind::CrossEntropy, true)
+                    : attack_objective(z, y, LossKind::CrossEntropy, false);
+    }
+    return toward ? dlr_loss_targeted(z, y, tgt) : dlr_loss(z, y);
+  };
+}
+
+mx::array success_of(const ApgdConfig& cfg, const mx::array& logits, const mx::array& y, const mx::array& tgt) {
+  return attack_success(logits, cfg.targeted ? tgt : y, cfg.targeted);
+}
+
+struct Point {
+  mx::array loss, success, logits, grad;
+};
+
+Point evaluate_with_grad(
+    const ForwardFn& forward,
+    const std::vector<mx::array>& params,
+    const mx::array& x,
+    int num_classes,
+    const ApgdConfig& cfg,
+    const mx::array& y,
+    const mx::array& tgt,
+    const mx::array& draw_key) {
+  std::optional<suite::Scored> sc;
+  auto objective = objective_for(cfg, y, tgt);
+  auto fn = [&](const std::vector<mx::array>& xs) -> std::vector<mx::array> {
+    sc = suite::score(forward, params, xs[0], num_classes, cfg.stochastic, cfg.eot_samples, draw_key,
+                      objective, "apgd");
+    return {mx::sum(sc->objective)};
+  };
+  auto grad = mx::vjp(fn, {x}, {mx::array(1.0f)}).second[0];
+  return {sc->objective, success_of(cfg, sc->logits, y, tgt), sc->logits, grad};
+}
+
+mx::array draw_key_at(const ApgdConfig& cfg, const mx::array& keys, const mx::array& t) {
+  return cfg.stochastic ? mx::take(keys, t, 0) : mx::zeros({2}, mx::uint32);
+}
+
+std::vector<mx::array> init_fn(
+    const ForwardFn& forward,
+    const std::vector<mx::array>& in,
+    int num_classes,
+    const ApgdConfig& cfg) {
+  std::vector<mx::array> params(in.begin() + I_NUM, in.end());
+  const auto& x = in[I_START];
+  auto p = evaluate_with_grad(forward, params, x, num_classes, cfg, in[I_Y], in[I_TGT],
+                              draw_key_at(cfg, in[I_KEYS], mx::array(0, mx::int32)));
+  const int n = x.shape(0);
+  auto eta = mx::multiply(in[I_EPS], mx::array(2.0f));
+  return {x, x, p.grad, eta, x, p.loss, p.grad, p.loss, mx::zeros({n}, mx::float32), p.loss,
+          mx::ones({n}, mx::bool_), x, p.loss, p.success, p.logits};
+}
+
+std::vector<mx::array> steps_fn(
+    const ForwardFn& forward,
+    const std::vector<mx::array>& in,
+    int k,
+    int num_classes,
+    const ApgdConfig& cfg) {
+  std::vector<mx::array> params(in.begin() + NUM_SLOTS, in.end());
+  std::vector<mx::array> s(in.begin(), in.begin() + NUM_STATE);
+  const auto& x0 = in[X0];
+  const auto& eps = in[EPS];
+  const int nd = x0.ndim();
+  for (int j = 0; j < k; ++j) {
+    auto t = mx::add(in[T0], mx::array(j, mx::int32));
+    auto a = mx::where(mx::equal(t, mx::array(0, mx::int32)), mx::array(1.0f), mx::array(kMomentum));
+    auto z = project(ascent_step(s[X], s[G], s[ETA], cfg.norm), x0, eps, in[LO], in[HI], cfg.norm);
+    auto moved = mx::add(
+        s[X],
+        mx::add(mx::multiply(a, mx::subtract(z, s[X])),
+                mx::multiply(mx::subtract(mx::array(1.0f), a), mx::subtract(s[X], s[XP]))));
+    auto x = project(moved, x0, eps, in[LO], in[HI], cfg.norm);
+    auto p = evaluate_with_grad(forward, params, x, num_classes, cfg, in[Y], in[TGT],
+                                draw_key_at(cfg, in[KEYS], mx::add(t, mx::array(1, mx::int32))));
+
+    Best r = keep_best({s[RX], s[RL], s[RS], s[RZ]}, {x, p.loss, p.success, p.logits}, nd);
+    auto ni = mx::add(s[NI], mx::astype(mx::greater(p.loss, s[LP]), mx::float32));
+    auto improved = mx::greater(p.loss, s[LB]);
+    auto xb = mx::where(per_sample(improved, nd), x, s[XB]);
+    auto gb = mx::where(per_sample(improved, nd), p.grad, s[GB]);
+    auto lb = mx::where(improved, p.loss, s[LB]);
+
+    // Checkpoint (Croce & Hein 2020, §3.1): halve eta and go back to x_max on either condition.
+    auto len = mx::take(in[CKPT], t, 0);
+    auto at_ckpt = mx::greater(len, mx::array(0.0f));
+    auto few_increases = mx::less(ni, mx::multiply(in[RHO], len));
+    auto stalled = mx::logical_and(mx::logical_not(s[RED]), mx::greater_equal(s[LBL], lb));
+    auto reduce = mx::logical_and(at_ckpt, mx::logical_or(few_increases, stalled));
+    auto reduce_x = per_sample(reduce, nd);
+
+    s[XP] = s[X];
+    s[X] = mx::where(reduce_x, xb, x);
+    s[G] = mx::where(reduce_x, gb, p.grad);
+    s[ETA] = mx::where(reduce, mx::multiply(s[ETA], mx::array(0.5f)), s[ETA]);
+    s[XB] = xb;
+    s[LB] = lb;
+    s[GB] = gb;
+    s[LP] = p.loss;
+    s[NI] = mx::where(at_ckpt, mx::array(0.0f), ni);
+    s[LBL] = mx::where(at_ckpt, lb, s[LBL]);
+    s[RED] = mx::where(at_ckpt, reduce, s[RED]);
+    s[RX] = r.x;
+    s[RL] = r.loss;
+    s[RS] = r.success;
+    s[RZ] = r.logits;
+  }
+  return s;
+}
+
+// Start of one run: a random point on the sphere (cube) of radius eps, as in the authors' code;
+// one draw of one sample's shape shared by the batch, so a sample's start depends only on `key`.
+mx::array apgd_start(
+    const mx::array& x0,
+    const mx::array& eps,
+    const mx::array& lo,
+    const mx::array& hi,
+    Norm norm,
+    const mx::array& key) {
+  mx::Shape sample_shape(x0.shape().begin() + 1, x0.shape().end());
+  mx::array t(0.0f);
+  if (norm == Norm::Linf) {
+    t = mx::random::uniform(mx::array(-1.0f), mx::array(1.0f), sample_shape, mx::float32, key);
+    t = mx::divide(t, mx::maximum(mx::max(mx::abs(t)), mx::array(1e-12f)));
+  } else {
+    t = mx::random::normal(sample_shape, mx::float32, 0.0f, 1.0f, key);
+    t = mx::divide(t, mx::maximum(mx::sqrt(mx::sum(mx::square(t))), mx::array(1e-12f)));
+  }
+  return mx::clip(mx::add(x0, mx::multiply(per_sample(eps, x0.ndim()), t)), lo, hi);
+}
+
+mx::array take_rows(const mx::array& a, const mx::array& idx) {
+  return mx::take(a, idx, 0);
+}
+
+// A (N,) bool array on the host, whatever its strides (an evaluated array may be a broadcast).
+std::vector<uint8_t> host_flags(const mx::array& a) {
+  auto c = mx::astype(mx::contiguous(a), mx::uint8);
+  mx::eval(c);
+  auto p = c.data<uint8_t>();
+  return std::vector<uint8_t>(p, p + c.size());
+}
+
+} // namespace
+
+ApgdEngine::~ApgdEngine() {
+  suite::release_ids(ids());
+}
+
+void ApgdEngine::clear() {
+  suite::erase_ids(ids());
+  std::lock_guard<std::mutex> lock(mutex_);
+  unroll_by_shape_.clear();
+}
+
+int ApgdEngine::chosen_unroll(const mx::Shape& shape) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = unroll_by_shape_.find(std::vector<int>(shape.begin(), shape.end()));
+  return it == unroll_by_shape_.end() ? 0 : it->second;
+}
+
+AttackOutput ApgdEngine::run(
+    const ForwardFn& forward,
+    const std::vector<mx::array>& params,
+    const mx::array& x0_in,
+    const mx::array& y_in,
+    const std::optional<mx::array>& target_in,
+    const mx::array& eps_in,
+    const mx::array& lo,
+    const mx::array& hi,
+    int num_classes,
+    const ApgdConfig& cfg,
+    const mx::array& key) {
+  suite::check_batch(x0_in, y_in, num_classes, "apgd");
+  const int n = x0_in.shape(0);
+  if (eps_in.ndim() != 1 || eps_in.shape(0) != n) {
+    throw std::invalid_argument("[apgd] eps must have shape (N,)");
+  }
+  if (cfg.steps < 1) {
+    throw std::invalid_argument("[apgd] steps must be >= 1, got " + std::to_string(cfg.steps));
+  }
+  if (cfg.restarts < 1) {
+    throw std::invalid_argument("[apgd] restarts must be >= 1, got " + std::to_string(cfg.restarts));
+  }
+  if (!(cfg.rho > 0.0f && cfg.rho <= 1.0f)) {
+    throw std::invalid_argument("[apgd] rho must be in (0, 1], got " + std::to_string(cfg.rho));
+  }
+  if (cfg.n_target_classes < 0 || cfg.n_target_classes > num_classes - 1) {
+    throw std::invalid_argument("[apgd] n_target_classes must be in [0, num_classes - 1] = [0, " +
+                                std::to_string(num_classes - 1) + "], got " +
+                                std::to_string(cfg.n_target_classes));
+  }
+  if (cfg.targeted && cfg.n_target_classes > 0) {
+    throw std::invalid_argument("[apgd] give either targets (targeted) or n_target_classes (APGD-T), not both");
+  }
+  if (cfg.targeted && (!target_in || target_in->ndim() != 1 || target_in->shape(0) != n)) {
+    throw std::invalid_argument("[apgd] a targeted attack needs targets of shape (N,)");
+  }
+  if (cfg.loss == ApgdLoss::DLR && num_classes < (toward_target(cfg) ? 4 : 3)) {
+    throw std::invalid_argument(std::string("[apgd] loss 'dlr' needs num_classes >= ") +
+                                (toward_target(cfg) ? "4 (targeted DLR)" : "3") + ", got " +
+                                std::to_string(num_classes));
+  }
+  if (cfg.eot_samples < 1) {
+    throw std::invalid_argument("[apgd] eot_samples must be >= 1, got " + std::to_string(cfg.eot_samples));
+  }
+  if (cfg.unroll < 0) {
+    throw std::invalid_argument("[apgd] unroll must be >= 0, got " + std::to_string(cfg.unroll));
+  }
+
+  std::lock_guard<std::mutex> serial(core_mutex());
+  suite::drain_pending();
+  auto x0 = mx::astype(x0_in, mx::float32);
+  auto y = mx::astype(y_in, mx::int32);
+  auto user_target = cfg.targeted ? mx::astype(*target_in, mx::int32) : y;
+  auto eps = mx::astype(eps_in, mx::float32);
+  auto lo32 = mx::astype(lo, mx::float32);
+  auto hi32 = mx::astype(hi, mx::float32);
+  const int nd = x0.ndim();
+  const float inf = std::numeric_limits<float>::infinity();
+
+  auto constants = [&](int kind, int k) {
+    return std::vector<uint64_t>{
+        kApgdTag, static_cast<uint64_t>(kind), static_cast<uint64_t>(k),
+        static_cast<uint64_t>(cfg.norm), static_cast<uint64_t>(cfg.loss),
+        static_cast<uint64_t>(cfg.targeted), static_cast<uint64_t>(cfg.n_target_classes > 0),
+        static_cast<uint64_t>(num_classes), static_cast<uint64_t>(cfg.stochastic),
+        static_cast<uint64_t>(cfg.eot_samples)};
+  };
+  auto clean_fn = mx::detail::compile(
+      [this, &forward, num_classes, &cfg](const std::vector<mx::array>& in) {
+        traces_++;
+        std::vector<mx::array> params(in.begin() + 2, in.end());
+        return std::vector<mx::array>{
+            suite::score(forward, params, in[0], num_classes, cfg.stochastic, cfg.eot_samples, in[1],
+                         nullptr, "apgd").logits};
+      },
+      id(0), false, constants(0, 0));
+  auto init = mx::detail::compile(
+      [this, &forward, num_classes, &cfg](const std::vector<mx::array>& in) {
+        traces_++;
+        return init_fn(forward, in, num_classes, cfg);
+      },
+      id(1), false, constants(1, 0));
+  auto make_steps = [&](int k) {
+    auto fn = [this, &forward, k, num_classes, &cfg](const std::vector<mx::array>& in) {
+      traces_++;
+      return steps_fn(forward, in, k, num_classes, cfg);
+    };
+    return mx::detail::compile(fn, id(2), false, constants(2, k));
+  };
+
+  const int n_targets = cfg.n_target_classes > 0 ? cfg.n_target_classes : 1;
+  const int n_runs = n_targets * cfg.restarts;
+  // Independent streams: starts, a stochastic model's draws, the clean evaluation's draws.
+  auto streams = mx::random::split(key, 3);
+  auto start_keys = mx::random::split(mx::take(streams, 0, 0), n_runs);
+  auto noise_keys = cfg.stochastic ? mx::random::split(mx::take(streams, 1, 0), n_runs) : mx::array(0);
+  auto dummy_keys = mx::zeros({1, 2}, mx::uint32);
+
+  std::vector<float> ckpt_host(cfg.steps, 0.0f);
+  {
+    int prev = 0;
+    for (int w : apgd_checkpoints(cfg.steps)) {
+      ckpt_host[w - 1] = static_cast<float>(w - prev);
+      prev = w;
+    }
+  }
+  auto ckpt = mx::array(ckpt_host.begin(), {cfg.steps}, mx::float32);
+  auto rho = mx::array(cfg.rho);
+
+  int unroll = cfg.unroll > 0 ? cfg.unroll : chosen_unroll(x0.shape());
+  bool measure = unroll == 0;
+
+  std::optional<Best> full;
+  try {
+    // Samples misclassified at x are not attacked (and keep x), as in the authors' code.
+    std::vector<mx::array> clean_in{x0, mx::take(streams, 2, 0)};
+    clean_in.insert(clean_in.end(), params.begin(), params.end());
+    auto logits0 = clean_fn(clean_in)[0];
+    std::optional<mx::array> ranked;  // APGD-T: classes by clean logit, ascending
+    if (cfg.n_target_classes > 0) {
+      ranked = mx::astype(mx::argsort(logits0, -1), mx::int32);
+    }
+    auto target_of = [&](int tc) {
+      return ranked ? column(*ranked, num_classes - 2 - tc) : user_target;
+    };
+    auto clean_success = success_of(cfg, logits0, y, user_target);
+    auto clean_loss = objective_for(cfg, y, target_of(0))(logits0);
+    full = Best{x0, mx::where(clean_success, clean_loss, mx::array(-inf)), clean_success, logits0};
+    mx::eval({full->x, full->loss, full->success, full->logits});
+
+    for (int run = 0; run < n_runs; ++run) {
+      const int tc = run / cfg.restarts;
+      std::vector<int> active;
+      {
+        auto s = host_flags(full->success);
+        for (int i = 0; i < n; ++i) {
+          if (!cfg.early_stop || !s[i]) {
+            active.push_back(i);
+          }
+        }
+      }
+      if (active.empty()) {
+        break;
+      }
+      auto start_all = apgd_start(x0, eps, lo32, hi32, cfg.norm, mx::take(start_keys, run, 0));
+      auto tgt_all = target_of(tc);
+      auto step_keys = cfg.stochastic ? mx::random::split(mx::take(noise_keys, run, 0), cfg.steps + 1)
+                                      : dummy_keys;
+
+      // Working batch: the active samples padded with copies to a power of two, so that a
+      // shrinking batch retraces at most log2(N) times.
+      std::vector<int> rows;
+      bool identity = false;
+      std::vector<mx::array> state;
+      std::vector<mx::array> fixed;  // x0, y, tgt, eps, lo, hi, keys, ckpt, rho
+      int done = 0;
+      auto select = [&]() {
+        int size = static_cast<int>(active.size()) == n ? n : std::min(n, suite::next_pow2(active.size()));
+        std::vector<int> new_rows(active);
+        while (static_cast<int>(new_rows.size()) < size) {
+          new_rows.push_back(active[0]);
+        }
+        identity = size == n && static_cast<int>(active.size()) == n;
+        for (int p = 0; identity && p < n; ++p) {
+          identity = new_rows[p] == p;
+        }
+        auto idx = mx::array(new_rows.data(), {size}, mx::int32);
+        auto rows_of = [&](const mx::array& a) { return identity ? a : take_rows(a, idx); };
+        fixed = {rows_of(x0), rows_of(y), rows_of(tgt_all), rows_of(eps), lo32, hi32, step_keys, ckpt, rho};
+        return std::make_pair(new_rows, rows_of(start_all));
+      };
+      {
+        auto [new_rows, start] = select();
+        rows = new_rows;
+        std::vector<mx::array> in{start};
+        in.insert(in.end(), fixed.begin(), fixed.begin() + (I_NUM - 1));
+        in.insert(in.end(), params.begin(), params.end());
+        state = init(in);
+      }
+      auto run_chunk = [&](int k) {
+        std::vector<mx::array> in(state);
+        in.insert(in.end(), fixed.begin(), fixed.end());
+        in.push_back(mx::array(done, mx::int32));
+        in.insert(in.end(), params.begin(), params.end());
+        state = make_steps(k)(in);
+        mx::async_eval(state);
+      };
+      // Merge the working batch's result into the full arrays (first occurrence of each row).
+      auto flush = [&]() {
+        Best cand{state[RX], state[RL], state[RS], state[RZ]};
+        if (!identity) {
+          std::vector<int> pos(n, 0);
+          std::vector<uint8_t> present(n, 0);
+          for (int p = static_cast<int>(active.size()) - 1; p >= 0; --p) {
+            pos[active[p]] = p;
+            present[active[p]] = 1;
+          }
+          auto pos_idx = mx::array(pos.data(), {n}, mx::int32);
+          auto mask = mx::astype(mx::array(present.begin(), {n}, mx::uint8), mx::bool_);
+          cand = {take_rows(cand.x, pos_idx),
+                  mx::where(mask, take_rows(cand.loss, pos_idx), mx::array(-inf)),
+                  mx::logical_and(take_rows(cand.success, pos_idx), mask),
+                  take_rows(cand.logits, pos_idx)};
+        }
+        full = keep_best(*full, cand, nd);
+        mx::eval({full->x, full->loss, full->success, full->logits});
+      };
+
+      if (measure) {
+        // One step to trace and compile, one timed step (ARCHITECTURE §2).
+        run_chunk(1);
+        mx::eval(state);
+        done = 1;
+        if (done < cfg.steps) {
+          auto t0 = std::chrono::steady_clock::now();
+          run_chunk(1);
+          mx::eval(state);
+          double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+          done = 2;
+          unroll = suite::unroll_for_step_ms(ms);
+          std::lock_guard<std::mutex> lock(mutex_);
+          unroll_by_shape_[std::vector<int>(x0.shape().begin(), x0.shape().end())] = unroll;
+        } else {
+          unroll = 1;
+        }
+        measure = false;
+      }
+
+      while (done < cfg.steps) {
+        // The remainder runs as single steps: only two step functions per shape are compiled.
+        int k = cfg.steps - done >= unroll ? unroll : 1;
+        auto prev_success = state[RS];
+        run_chunk(k);
+        done += k;
+        if (cfg.early_stop && done < cfg.steps) {
+          // Successes known one chunk ago (the new chunk is already queued behind them).
+          auto s = host_flags(prev_success);
+          std::vector<int> still;
+          for (size_t p = 0; p < active.size(); ++p) {
+            if (!s[p]) {
+              still.push_back(active[p]);
+            }
+          }
+          if (still.empty()) {
+            break;
+          }
+          if (static_cast<int>(still.size()) * 2 <= static_cast<int>(rows.size())) {
+            flush();  // the leaving rows' results live only in the working batch
+            std::vector<int> pos_of(n, -1);
+            for (int p = static_cast<int>(rows.size()) - 1; p >= 0; --p) {
+              pos_of[rows[p]] = p;
+            }
+            active = still;
+            auto [new_rows, unused] = select();
+            (void)unused;
+            std::vector<int> sel;
+            for (int i : new_rows) {
+              sel.push_back(pos_of[i]);
+            }
+            auto sel_idx = mx::array(sel.data(), {static_cast<int>(sel.size())}, mx::int32);
+            for (auto& a : state) {
+              a = take_rows(a, sel_idx);
+            }
+            rows = new_rows;
+          }
+        }
+      }
+      flush();
+    }
+  } catch (...) {
+    clear();
+    throw;
+  }
+
+  auto norms = batch_norm_of(mx::subtract(full->x, x0), cfg.norm);
+  auto x_adv = mx::astype(full->x, x0_in.dtype());
+  mx::eval({x_adv, norms, full->success, full->loss, full->logits});
+  return {x_adv, full->success, full->loss, full->logits, norms};
+}
+
+} // namespace mlx_robust

@@ -1,0 +1,333 @@
+#include "cw.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <limits>
+#include <stdexcept>
+
+#include "apgd.h"
+#include "mlx/compile_impl.h"
+
+namespace mlx_robust {
+
+namespace {
+
+constexpr uint64_t kCwTag = 0x43573200;  // keeps these entries apart from other engines' ids
+// Double constants so that 1 - beta rounds once, to the float nearest 0.1 (0.001).
+constexpr double kBeta1 = 0.9;
+constexpr double kBeta2 = 0.999;
+constexpr float kAdamEps = 1e-8f;
+constexpr float kNoBound = 1e10f;  // "no upper bound on c known yet" (authors' code)
+
+// Compiled-function input layout: the per-sample state, then the fixed inputs.
+enum Slot : int {
+  W = 0,   // tanh-space variable
+  M,       // Adam first moment
+  V,       // Adam second moment
+  RS,      // a success was found in this round (drives the binary search)
+  BL2,     // smallest squared L2 of a success over all rounds
+  BX,      // that x' (x while none)
+  BZ,      // its logits (the clean logits while none)
+  FOUND,
+  PREV,    // objective at the last early-abort check
+  ACTIVE,  // not aborted in this round
+  NUM_STATE,
+  X0 = NUM_STATE,
+  Y,
+  C,
+  KAPPA,
+  LR,
+  LO,
+  HI,
+  PERIOD,  // early-abort check every PERIOD steps (int32)
+  KEYS,    // (steps, 2): draw keys of a stochastic model
+  T0,
+  NUM_SLOTS
+};
+
+mx::array margin_loss(const mx::array& logits, const mx::array& y, const mx::array& kappa, bool targeted) {
+  auto z = mx::astype(logits, mx::float32);
+  auto yi = mx::expand_dims(mx::astype(y, mx::int32), -1);
+  auto zy = mx::squeeze(mx::take_along_axis(z, yi, -1), -1);
+  auto classes = mx::expand_dims(mx::arange(z.shape(-1), mx::int32), 0);
+  auto other = mx::max(
+      mx::where(mx::equal(classes, yi), mx::array(-std::numeric_limits<float>::infinity()), z), -1);
+  auto gap = targeted ? mx::subtract(other, zy) : mx::subtract(zy, other);
+  return mx::maximum(gap, mx::negative(kappa));
+}
+
+// Success with confidence kappa: the prediction after moving the label's logit by kappa against
+// the attacker (the authors' `compare`); kappa = 0 gives attack_success.
+mx::array kappa_success(const mx::array& logits, const mx::array& y, const mx::array& kappa, bool targeted) {
+  auto yi = mx::expand_dims(mx::astype(y, mx::int32), -1);
+  auto classes = mx::expand_dims(mx::arange(logits.shape(-1), mx::int32), 0);
+  auto shift = mx::where(mx::equal(classes, yi), targeted ? mx::negative(kappa) : kappa, mx::array(0.0f));
+  return attack_success(mx::add(mx::astype(logits, mx::float32), shift), y, targeted);
+}
+
+mx::array to_input_space(const mx::array& w, const mx::array& lo, const mx::array& hi) {
+  auto unit = mx::multiply(mx::add(mx::tanh(w), mx::array(1.0f)), mx::array(0.5f));
+  return mx::clip(mx::add(lo, mx::multiply(mx::subtract(hi, lo), unit)), lo, hi);
+}
+
+std::vector<mx::array> steps_fn(
+    const ForwardFn& forward,
+    const std::vector<mx::array>& in,
+    int k,
+    int num_classes,
+    const CwConfig& cfg) {
+  std::vector<mx::array> params(in.begin() + NUM_SLOTS, in.end());
+  std::vector<mx::array> s(in.begin(), in.begin() + NUM_STATE);
+  const auto& x0 = in[X0];
+  const int nd = x0.ndim();
+  std::vector<int> axes;
+  for (int i = 1; i < nd; ++i) {
+    axes.push_back(i);
+  }
+  for (int j = 0; j < k; ++j) {
+    auto t = mx::add(in[T0], mx::array(j, mx::int32));
+    auto draw_key = cfg.stochastic ? mx::take(in[KEYS], t, 0) : mx::zeros({2}, mx::uint32);
+    std::optional<mx::array> xa, l2, loss, logits;
+    auto objective = [&](const std::vector<mx::array>& ws) -> std::vector<mx::array> {
+      xa = to_input_space(ws[0], in[LO], in[HI]);
+      auto margin = [&](const mx::array& z) { return margin_loss(z, in[Y], in[KAPPA], cfg.targeted); };
+      auto sc = suite::score(forward, params, *xa, num_classes, cfg.stochastic, cfg.eot_samples, draw_key,
+                             margin, "cw");
+      l2 = mx::sum(mx::square(mx::subtract(*xa, x0)), axes);
+      loss = mx::add(*l2, mx::multiply(in[C], sc.objective));
+      logits = sc.logits;
+      return {mx::sum(*loss)};
+    };
+    auto grad = mx::vjp(objective, {s[W]}, {mx::array(1.0f)}).second[0];
+
+    auto success = mx::logical_and(s[ACTIVE], kappa_success(*logits, in[Y], in[KAPPA], cfg.targeted));
+    auto better = mx::logical_and(success, mx::less(*l2, s[BL2]));
+    s[RS] = mx::logical_or(s[RS], success);
+    s[BL2] = mx::where(better, *l2, s[BL2]);
+    s[BX] = mx::where(per_sample(better, nd), *xa, s[BX]);
+    s[BZ] = mx::where(mx::expand_dims(better, -1), *logits, s[BZ]);
+    s[FOUND] = mx::logical_or(s[FOUND], better);
+
+    if (cfg.early_abort) {
+      auto check = mx::equal(mx::remainder(t, in[PERIOD]), mx::array(0, mx::int32));
+      auto stop = mx::logical_and(check, mx::greater(*loss, mx::multiply(s[PREV], mx::array(0.9999f))));
+      s[ACTIVE] = mx::logical_and(s[ACTIVE], mx::logical_not(stop));
+      s[PREV] = mx::where(mx::logical_and(check, s[ACTIVE]), *loss, s[PREV]);
+    }
+
+    auto step = mx::astype(mx::add(t, mx::array(1, mx::int32)), mx::float32);
+    auto f32 = [](double v) { return mx::array(static_cast<float>(v)); };
+    auto m = mx::add(mx::multiply(f32(kBeta1), s[M]), mx::multiply(f32(1.0 - kBeta1), grad));
+    auto v = mx::add(mx::multiply(f32(kBeta2), s[V]), mx::multiply(f32(1.0 - kBeta2), mx::square(grad)));
+    auto bc1 = mx::subtract(mx::array(1.0f), mx::power(f32(kBeta1), step));
+    auto bc2 = mx::subtract(mx::array(1.0f), mx::power(f32(kBeta2), step));
+    auto update = mx::divide(mx::divide(m, bc1), mx::add(mx::sqrt(mx::divide(v, bc2)), mx::array(kAdamEps)));
+    auto w = mx::subtract(s[W], mx::multiply(in[LR], update));
+    auto act = per_sample(s[ACTIVE], nd);
+    s[W] = mx::where(act, w, s[W]);
+    s[M] = mx::where(act, m, s[M]);
+    s[V] = mx::where(act, v, s[V]);
+  }
+  return s;
+}
+
+} // namespace
+
+mx::array cw_margin_loss(const mx::array& logits, const mx::array& y, float kappa, bool targeted) {
+  return margin_loss(logits, y, mx::array(kappa), targeted);
+}
+
+CwEngine::~CwEngine() {
+  suite::release_ids(ids());
+}
+
+void CwEngine::clear() {
+  suite::erase_ids(ids());
+  std::lock_guard<std::mutex> lock(mutex_);
+  unroll_by_shape_.clear();
+}
+
+int CwEngine::chosen_unroll(const mx::Shape& shape) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = unroll_by_shape_.find(std::vector<int>(shape.begin(), shape.end()));
+  return it == unroll_by_shape_.end() ? 0 : it->second;
+}
+
+AttackOutput CwEngine::run(
+    const ForwardFn& forward,
+    const std::vector<mx::array>& params,
+    const mx::array& x0_in,
+    const mx::array& y_in,
+    const mx::array& lo,
+    const mx::array& hi,
+    int num_classes,
+    const CwConfig& cfg,
+    const mx::array& key) {
+  suite::check_batch(x0_in, y_in, num_classes, "cw");
+  const int n = x0_in.shape(0);
+  auto positive = [](float v) { return std::isfinite(v) && v > 0.0f; };
+  if (cfg.steps < 1) {
+    throw std::invalid_argument("[cw] steps must be >= 1, got " + std::to_string(cfg.steps));
+  }
+  if (cfg.binary_search_steps < 1) {
+    throw std::invalid_argument("[cw] binary_search_steps must be >= 1, got " +
+                                std::to_string(cfg.binary_search_steps));
+  }
+  if (!positive(cfg.initial_const)) {
+    throw std::invalid_argument("[cw] c must be a finite number > 0, got " + std::to_string(cfg.initial_const));
+  }
+  if (!std::isfinite(cfg.kappa) || cfg.kappa < 0.0f) {
+    throw std::invalid_argument("[cw] kappa must be a finite number >= 0, got " + std::to_string(cfg.kappa));
+  }
+  if (!positive(cfg.lr)) {
+    throw std::invalid_argument("[cw] lr must be a finite number > 0, got " + std::to_string(cfg.lr));
+  }
+  if (cfg.eot_samples < 1) {
+    throw std::invalid_argument("[cw] eot_samples must be >= 1, got " + std::to_string(cfg.eot_samples));
+  }
+  if (cfg.unroll < 0) {
+    throw std::invalid_argument("[cw] unroll must be >= 0, got " + std::to_string(cfg.unroll));
+  }
+
+  std::lock_guard<std::mutex> serial(core_mutex());
+  suite::drain_pending();
+  auto x0 = mx::astype(x0_in, mx::float32);
+  auto y = mx::astype(y_in, mx::int32);
+  auto lo32 = mx::astype(lo, mx::float32);
+  auto hi32 = mx::astype(hi, mx::float32);
+  if (!mx::all(mx::less(lo32, hi32)).item<bool>()) {
+    throw std::invalid_argument("[cw] the input bounds must satisfy lo < hi");
+  }
+  const float inf = std::numeric_limits<float>::infinity();
+
+  auto constants = [&](int kind, int k) {
+    return std::vector<uint64_t>{
+        kCwTag, static_cast<uint64_t>(kind), static_cast<uint64_t>(k),
+        static_cast<uint64_t>(cfg.targeted), static_cast<uint64_t>(cfg.early_abort),
+        static_cast<uint64_t>(num_classes), static_cast<uint64_t>(cfg.stochastic),
+        static_cast<uint64_t>(cfg.eot_samples)};
+  };
+  auto clean_fn = mx::detail::compile(
+      [this, &forward, num_classes, &cfg](const std::vector<mx::array>& in) {
+        traces_++;
+        std::vector<mx::array> params(in.begin() + 2, in.end());
+        return std::vector<mx::array>{
+            suite::score(forward, params, in[0], num_classes, cfg.stochastic, cfg.eot_samples, in[1],
+                         nullptr, "cw").logits};
+      },
+      id(0), false, constants(0, 0));
+  auto make_steps = [&](int k) {
+    auto fn = [this, &forward, k, num_classes, &cfg](const std::vector<mx::array>& in) {
+      traces_++;
+      return steps_fn(forward, in, k, num_classes, cfg);
+    };
+    return mx::detail::compile(fn, id(1), false, constants(1, k));
+  };
+
+  // tanh change of variables; 0.999999 keeps atanh finite at the bounds (authors' code).
+  auto unit = mx::subtract(mx::multiply(mx::divide(mx::subtract(x0, lo32), mx::subtract(hi32, lo32)),
+                                        mx::array(2.0f)),
+                           mx::array(1.0f));
+  auto w0 = mx::arctanh(mx::multiply(mx::clip(unit, mx::array(-1.0f), mx::array(1.0f)), mx::array(0.999999f)));
+  auto streams = mx::random::split(key, 2);
+  auto round_keys = cfg.stochastic ? mx::random::split(mx::take(streams, 0, 0), cfg.binary_search_steps)
+                                   : mx::array(0);
+  auto kappa = mx::array(cfg.kappa);
+  auto lr = mx::array(cfg.lr);
+  auto period = mx::array(std::max(cfg.steps / 10, 1), mx::int32);
+
+  int unroll = cfg.unroll > 0 ? cfg.unroll : chosen_unroll(x0.shape());
+  bool measure = unroll == 0;
+
+  mx::array bl2(0.0f), bx(0.0f), bz(0.0f), found(false);
+  try {
+    std::vector<mx::array> clean_in{x0, mx::take(streams, 1, 0)};
+    clean_in.insert(clean_in.end(), params.begin(), params.end());
+    auto logits0 = clean_fn(clean_in)[0];
+    // A sample already misclassified with margin kappa is its own smallest perturbation.
+    found = kappa_success(logits0, y, kappa, cfg.targeted);
+    bl2 = mx::where(found, mx::array(0.0f), mx::array(inf));
+    bx = x0;
+    bz = logits0;
+
+    auto c = mx::full({n}, cfg.initial_const, mx::float32);
+    auto lower = mx::zeros({n}, mx::float32);
+    auto upper = mx::full({n}, kNoBound, mx::float32);
+    for (int r = 0; r < cfg.binary_search_steps; ++r) {
+      if (cfg.binary_search_steps >= 10 && r == cfg.binary_search_steps - 1) {
+        c = mx::minimum(upper, mx::array(kNoBound));  // the authors' last-round repeat
+      }
+      auto keys = cfg.stochastic ? mx::random::split(mx::take(round_keys, r, 0), cfg.steps)
+                                 : mx::zeros({1, 2}, mx::uint32);
+      std::vector<mx::array> state{w0, mx::zeros_like(w0), mx::zeros_like(w0), mx::zeros({n}, mx::bool_),
+                                   bl2, bx, bz, found, mx::full({n}, inf), mx::ones({n}, mx::bool_)};
+      std::vector<mx::array> fixed{x0, y, c, kappa, lr, lo32, hi32, period, keys};
+      int done = 0;
+      auto run_chunk = [&](int k) {
+        std::vector<mx::array> in(state);
+        in.insert(in.end(), fixed.begin(), fixed.end());
+        in.push_back(mx::array(done, mx::int32));
+        in.insert(in.end(), params.begin(), params.end());
+        state = make_steps(k)(in);
+        mx::async_eval(state);
+      };
+      if (measure) {
+        run_chunk(1);
+        mx::eval(state);
+        done = 1;
+        if (done < cfg.steps) {
+          auto t0 = std::chrono::steady_clock::now();
+          run_chunk(1);
+          mx::eval(state);
+          double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+          done = 2;
+          unroll = suite::unroll_for_step_ms(ms);
+          std::lock_guard<std::mutex> lock(mutex_);
+          unroll_by_shape_[std::vector<int>(x0.shape().begin(), x0.shape().end())] = unroll;
+        } else {
+          unroll = 1;
+        }
+        measure = false;
+      }
+      while (done < cfg.steps) {
+        // The remainder runs as single steps: only two step functions per shape are compiled.
+        int k = cfg.steps - done >= unroll ? unroll : 1;
+        auto prev_active = state[ACTIVE];
+        run_chunk(k);
+        done += k;
+        if (cfg.early_abort && done < cfg.steps) {
+          // Aborted samples are frozen, so stopping the round once all are is only a shortcut.
+          mx::eval(prev_active);
+          if (!mx::any(prev_active).item<bool>()) {
+            break;
+          }
+        }
+      }
+      // Binary search on c per sample (the authors' update).
+      auto success = state[RS];
+      upper = mx::where(success, mx::minimum(upper, c), upper);
+      lower = mx::where(success, lower, mx::maximum(lower, c));
+      auto bisect = mx::multiply(mx::add(lower, upper), mx::array(0.5f));
+      c = mx::where(mx::less(upper, mx::array(1e9f)), bisect,
+                    mx::where(success, c, mx::multiply(c, mx::array(10.0f))));
+      bl2 = state[BL2];
+      bx = state[BX];
+      bz = state[BZ];
+      found = state[FOUND];
+      mx::eval({c, lower, upper, bl2, bx, bz, found});
+    }
+  } catch (...) {
+    clear();
+    throw;
+  }
+
+  auto success = attack_success(bz, y, cfg.targeted);
+  auto loss = attack_objective(bz, y, LossKind::Margin, cfg.targeted);
+  auto norms = batch_norm_of(mx::subtract(bx, x0), Norm::L2);
+  auto x_adv = mx::astype(bx, x0_in.dtype());
+  mx::eval({x_adv, success, loss, bz, norms});
+  return {x_adv, success, loss, bz, norms};
+}
+
+} // namespace mlx_robust

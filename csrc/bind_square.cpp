@@ -1,8 +1,100 @@
 // Python bindings for the Square attack (score-based, black-box).
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include "square.h"
 
 namespace nb = nanobind;
+using namespace nb::literals;
+using namespace mlx_robust;
+
+namespace {
+
+// Borrow the Python callable (as bindings.cpp does): the caller keeps it alive for the call and
+// nothing C++ stores holds a reference to it, so no hidden cycle can keep the model alive.
+ForwardFn borrow_forward(nb::handle fn) {
+  return [fn](const std::vector<mx::array>& params, const mx::array& x) -> mx::array {
+    nb::gil_scoped_acquire gil;
+    nb::object out = fn(nb::cast(params), nb::cast(x));
+    mx::array* arr = nullptr;
+    if (!nb::try_cast<mx::array*>(out, arr) || arr == nullptr) {
+      throw std::invalid_argument(
+          std::string("[square] the model must return an mx.array of floating-point logits, got ") +
+          nb::type_name(out.type()).c_str());
+    }
+    return *arr;
+  };
+}
+
+} // namespace
 
 void init_square(nb::module_& m) {
-  (void)m;
+  nb::class_<SquareEngine>(m, "SquareEngine",
+      "Compiled Square attack (Andriushchenko et al. 2020) for one model (see csrc/square.h).")
+      .def(nb::init<>())
+      .def(
+          "run",
+          [](SquareEngine& self, nb::handle forward, const std::vector<mx::array>& params,
+             const mx::array& x0, const mx::array& y, const mx::array& eps, const mx::array& lo,
+             const mx::array& hi, int num_classes, const std::string& norm, const std::string& loss,
+             int n_queries, double p_init, bool targeted, bool early_stop, int unroll,
+             bool stochastic, const mx::array& key) {
+            if (!PyCallable_Check(forward.ptr())) {
+              throw std::invalid_argument("[square] forward must be callable");
+            }
+            SquareConfig cfg;
+            cfg.norm = parse_norm(norm);
+            cfg.loss = parse_loss(loss);
+            cfg.n_queries = n_queries;
+            cfg.p_init = p_init;
+            cfg.targeted = targeted;
+            cfg.early_stop = early_stop;
+            cfg.unroll = unroll;
+            cfg.stochastic = stochastic;
+            auto fn = borrow_forward(forward);
+            SquareOutput out = [&] {
+              nb::gil_scoped_release nogil;
+              return self.run(fn, params, x0, y, eps, lo, hi, num_classes, cfg, key);
+            }();
+            return nb::make_tuple(out.x_adv, out.success, out.loss, out.logits, out.norms, out.queries);
+          },
+          "forward"_a, "params"_a, "x0"_a, "y"_a, "eps"_a, "lo"_a, "hi"_a, nb::kw_only(),
+          "num_classes"_a, "norm"_a = "linf", "loss"_a = "margin", "n_queries"_a = 1000,
+          "p_init"_a = 0.8, "targeted"_a = false, "early_stop"_a = true, "unroll"_a = 0,
+          "stochastic"_a = false, "key"_a,
+          "Run the Square attack on NHWC images; returns (x_adv, success, loss, logits, norms, "
+          "queries). `forward(params, x)` is called only while tracing; with stochastic=True the "
+          "last element of `params` is a PRNG key for the draw. One engine per model.")
+      .def_prop_ro("trace_count", &SquareEngine::trace_count,
+          "Times the model was traced (Python ran) since construction.")
+      .def(
+          "chosen_unroll",
+          [](const SquareEngine& self, const std::vector<int>& shape) {
+            return self.chosen_unroll(mx::Shape(shape.begin(), shape.end()));
+          },
+          "shape"_a, "Iterations per compiled call chosen for inputs of this shape (0: none yet).")
+      .def(
+          "clear",
+          [](SquareEngine& self) {
+            nb::gil_scoped_release nogil;
+            std::lock_guard<std::mutex> serial(core_mutex());
+            self.clear();
+          },
+          "Drop every compiled function of this engine.");
+
+  m.def("square_level", &square_level, "it"_a, "n_queries"_a,
+        "Halvings of p_init at iteration `it` of `n_queries` (the paper's schedule), 0..9.");
+  m.def(
+      "square_window_size",
+      [](double p, int h, int w, int c, const std::string& norm) {
+        return square_window_size(p, h, w, c, parse_norm(norm));
+      },
+      "p"_a, "h"_a, "w"_a, "c"_a, "norm"_a, "Side of the square window for pixel fraction p.");
+  m.def("square_pattern", &square_pattern, "s"_a, "transpose"_a = false,
+        "The L2 update's s x s centre-weighted pattern (row-major list of s*s floats).");
+  m.def("square_sample_ids", &sample_ids, "x"_a,
+        "Per-sample uint32 content ids (N,) that key the Square attack's draws.");
+  m.def("square_draws", &square_draws, "ids"_a, "key"_a, "m"_a,
+        "Per-sample random words (N, m) uint32 from ids (N,) and a PRNG key.");
 }

@@ -1,8 +1,93 @@
-// Python bindings for randomized smoothing and certification statistics.
+// Python bindings for randomized smoothing and certification statistics: conversions and calls only.
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include "smoothing.h"
+#include "stats.h"
 
 namespace nb = nanobind;
+using namespace nb::literals;
+using namespace mlx_robust;
+
+namespace {
+
+// Borrow the Python callable: the caller keeps it alive for the call, and nothing C++ stores
+// holds a reference to it, so no hidden cycle can keep the model alive.
+ModelForward borrow_model(nb::handle fn) {
+  return [fn](const std::vector<mx::array>& params, const mx::array& x) -> mx::array {
+    nb::gil_scoped_acquire gil;
+    nb::object out = fn(nb::cast(params), nb::cast(x));
+    mx::array* arr = nullptr;
+    if (!nb::try_cast<mx::array*>(out, arr) || arr == nullptr) {
+      throw std::invalid_argument(
+          std::string("[certify] the model must return an mx.array of floating-point logits, got ") +
+          nb::type_name(out.type()).c_str());
+    }
+    return *arr;
+  };
+}
+
+} // namespace
 
 void init_smoothing(nb::module_& m) {
-  (void)m;
+  nb::class_<SmoothingEngine>(m, "SmoothingEngine",
+      "Compiled Gaussian sampling and vote counting for one model (see csrc/smoothing.h).")
+      .def(nb::init<>())
+      .def(
+          "vote_counts",
+          [](SmoothingEngine& self, nb::handle forward, const std::vector<mx::array>& params,
+             const mx::array& x, const mx::array& keys, int64_t n, float sigma, int batch_size,
+             int num_classes, bool overlap) {
+            if (!PyCallable_Check(forward.ptr())) {
+              throw std::invalid_argument("[certify] forward must be callable");
+            }
+            VoteConfig cfg;
+            cfg.n = n;
+            cfg.sigma = sigma;
+            cfg.batch_size = batch_size;
+            cfg.num_classes = num_classes;
+            cfg.overlap = overlap;
+            auto fn = borrow_model(forward);
+            nb::gil_scoped_release nogil;
+            return self.vote_counts(fn, params, x, keys, cfg);
+          },
+          "forward"_a, "params"_a, "x"_a, "keys"_a, nb::kw_only(), "n"_a, "sigma"_a, "batch_size"_a,
+          "num_classes"_a, "overlap"_a = true,
+          "Class votes (N, num_classes) int32 of argmax forward(params, x_i + N(0, sigma^2 I)) over n "
+          "draws per input, in chunks of batch_size rows; chunk c of input i uses key "
+          "split(keys[i], chunks)[c]. `forward(params, x)` is called only while tracing.")
+      .def_prop_ro("trace_count", &SmoothingEngine::trace_count,
+          "Times the model was traced (Python ran) since construction.")
+      .def("clear", &SmoothingEngine::clear, "Drop every compiled function of this engine.");
+
+  m.def("chunk_rows", &chunk_rows, "n"_a, "batch_size"_a,
+      "Rows of each model batch drawing n noisy copies of one input: full batches, then the rest.");
+  m.def("smoothed_predict", &smoothed_predict, "counts"_a, "alpha"_a,
+      "PREDICT (Cohen et al. 2019) on vote counts (N, C): the top class, or -1 where the two-sided "
+      "binomial test of the top two counts has p-value > alpha.");
+  m.def(
+      "certify_from_counts",
+      [](const mx::array& counts0, const mx::array& counts, double sigma, double alpha) {
+        auto c = certify_from_counts(counts0, counts, sigma, alpha);
+        return nb::make_tuple(c.prediction, c.radius, c.p_lower);
+      },
+      "counts0"_a, "counts"_a, "sigma"_a, "alpha"_a,
+      "CERTIFY (Cohen et al. 2019) on selection counts0 and estimation counts (N, C): returns "
+      "(prediction, radius, p_lower); -1 and radius 0 where the Clopper-Pearson bound pA <= 1/2.");
+
+  m.def("clopper_pearson_lower", &clopper_pearson_lower, "k"_a, "n"_a, "alpha"_a,
+      "One-sided Clopper-Pearson lower bound of a binomial proportion at level 1 - alpha: the "
+      "alpha-quantile of Beta(k, n - k + 1); 0 for k = 0.");
+  m.def("clopper_pearson_upper", &clopper_pearson_upper, "k"_a, "n"_a, "alpha"_a,
+      "One-sided Clopper-Pearson upper bound at level 1 - alpha; 1 for k = n.");
+  m.def("binomial_test_pvalue", &binomial_test_pvalue, "k"_a, "n"_a, "p"_a = 0.5,
+      "Two-sided exact binomial test p-value, as scipy.stats.binomtest(k, n, p).pvalue.");
+  m.def("binomial_cdf", &binomial_cdf, "k"_a, "n"_a, "p"_a, "P(X <= k) for X ~ Binomial(n, p).");
+  m.def("binomial_sf", &binomial_sf, "k"_a, "n"_a, "p"_a, "P(X > k) for X ~ Binomial(n, p).");
+  m.def("normal_ppf", &normal_ppf, "p"_a, "Standard normal quantile Phi^-1(p) (Wichura AS 241).");
+  m.def("normal_cdf", &normal_cdf, "x"_a, "Standard normal CDF Phi(x).");
+  m.def("betainc", &betainc, "a"_a, "b"_a, "x"_a, "Regularized incomplete beta I_x(a, b).");
+  m.def("betaincinv", &betaincinv, "a"_a, "b"_a, "p"_a,
+      "Inverse regularized incomplete beta: x with I_x(a, b) = p.");
 }

@@ -35,26 +35,52 @@ if _core.mlx_version != mx.__version__:
         f"MLX has no stable C++ ABI. {_REBUILD}"
     )
 
-from mlx_robust import datasets, models  # noqa: E402
+from mlx_robust import datasets, distillation, distributed, models  # noqa: E402
+from mlx_robust.adversarial import AdversarialValueAndGrad, adversarial_value_and_grad  # noqa: E402
+from mlx_robust.trainer import EpochLog, TrainHistory, train  # noqa: E402
 from mlx_robust.attacks import FGSM, PGD, Attack, AttackResult  # noqa: E402
+from mlx_robust.attacks import Square, SquareResult  # noqa: E402
+from mlx_robust.attacks import APGD, APGDT, CW  # noqa: E402
 from mlx_robust.defences import GaussianNoise  # noqa: E402
 from mlx_robust.evaluate import RobustnessReport, evaluate  # noqa: E402
 from mlx_robust.model import RobustModel, key  # noqa: E402
 from mlx_robust.validation import ValidationReport, validate  # noqa: E402
+from mlx_robust.smoothing import (  # noqa: E402
+    Certification,
+    CertifiedAccuracy,
+    Smoothing,
+    certified_accuracy,
+)
 
 __all__ = [
+    "Certification",
+    "CertifiedAccuracy",
+    "Smoothing",
+    "certified_accuracy",
+    "AdversarialValueAndGrad",
+    "APGD",
+    "APGDT",
+    "CW",
     "FGSM",
     "PGD",
+    "Square",
+    "SquareResult",
     "Attack",
     "AttackResult",
     "GaussianNoise",
     "RobustModel",
     "RobustnessReport",
     "ValidationReport",
+    "EpochLog",
+    "TrainHistory",
+    "adversarial_value_and_grad",
     "datasets",
+    "distillation",
+    "distributed",
     "evaluate",
     "key",
     "models",
+    "train",
     "validate",
     "__version__",
 ]

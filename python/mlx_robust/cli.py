@@ -162,6 +162,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="folder for report.md, report.json, robust_accuracy.png")
     p.set_defaults(func=evaluate_cmd)
+
+    from mlx_robust.smoothing import certify_command
+
+    p = sub.add_parser("certify", help="certified L2 accuracy of a model under randomized smoothing")
+    p.add_argument("--model", required=True, help="'package.module:factory' returning an mlx.nn.Module")
+    p.add_argument("--weights", help=".safetensors/.npz weights for the model (model.load_weights)")
+    p.add_argument("--data", required=True, help=".npz with arrays x (N, ...) in the bounds and y (N,)")
+    p.add_argument("--sigma", nargs="+", type=float, required=True,
+                   help="noise levels to certify at (one table row each), e.g. 0.12 0.25 0.5")
+    p.add_argument("--n0", type=int, default=100, help="selection samples per input (default 100)")
+    p.add_argument("--n", type=int, default=10_000,
+                   help="estimation samples per input (default 10000; the paper uses 100000)")
+    p.add_argument("--alpha", type=float, default=0.001, help="failure probability (default 0.001)")
+    p.add_argument("--radii", nargs="+", type=float, default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                   help="L2 radii of the table (default 0 0.25 0.5 0.75 1)")
+    p.add_argument("--bounds", nargs=2, type=float, default=[0.0, 1.0], metavar=("LO", "HI"))
+    p.add_argument("--batch-size", type=int, default=1000, help="noisy copies per model call")
+    p.add_argument("--limit", type=int, default=None, help="certify only the first N samples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="folder for certified_accuracy.md and .png")
+    p.set_defaults(func=certify_command)
     return parser
 
 

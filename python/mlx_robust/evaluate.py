@@ -28,15 +28,22 @@ AttackSpec = Union[str, Attack]
 
 # Attack names accepted by `evaluate(attacks=[...])` and the CLI; each builds the attack at one eps.
 # Classes are looked up when used, so the registry names attacks that other modules provide.
-_REGISTRY: dict[str, Callable[[float, str], Attack]] = {
-    "fgsm": lambda e, norm: FGSM(eps=e, norm=norm),
-    "pgd": lambda e, norm: PGD(eps=e, steps=40, norm=norm),
-    "pgd-margin": lambda e, norm: PGD(eps=e, steps=40, norm=norm, loss="margin"),
-    "apgd-ce": lambda e, norm: _attacks.APGD(eps=e, norm=norm, loss="ce"),
-    "apgd-dlr": lambda e, norm: _attacks.APGD(eps=e, norm=norm, loss="dlr"),
-    "apgd-t": lambda e, norm: _attacks.APGDT(eps=e, norm=norm),
-    "square": lambda e, norm: _attacks.Square(eps=e, norm=norm, n_queries=5000),
+_REGISTRY: dict[str, Callable[[float, str, int], Attack]] = {
+    "fgsm": lambda e, norm, c: FGSM(eps=e, norm=norm),
+    "pgd": lambda e, norm, c: PGD(eps=e, steps=40, norm=norm),
+    "pgd-margin": lambda e, norm, c: PGD(eps=e, steps=40, norm=norm, loss="margin"),
+    "apgd-ce": lambda e, norm, c: _attacks.APGD(eps=e, norm=norm, loss="ce"),
+    "apgd-dlr": lambda e, norm, c: _attacks.APGD(eps=e, norm=norm, loss="dlr"),
+    "apgd-t": lambda e, norm, c: _attacks.APGDT(eps=e, norm=norm, n_target_classes=min(9, c - 1)),
+    "square": lambda e, norm, c: _attacks.Square(eps=e, norm=norm, n_queries=5000),
+    "cw": lambda e, norm, c: _cw(norm),
 }
+
+
+def _cw(norm: str) -> Attack:
+    if norm != "l2":
+        raise ValueError("attack 'cw' (Carlini-Wagner L2) needs norm='l2'")
+    return _attacks.CW()
 DEFAULT_ENSEMBLE = ("apgd-ce", "apgd-t", "square")
 BLACK_BOX = ("Square",)
 
@@ -185,7 +192,7 @@ class RobustnessReport:
         plt.close(fig)
 
 
-def _resolve(spec: AttackSpec, eps: float, norm: str) -> Attack:
+def _resolve(spec: AttackSpec, eps: float, norm: str, num_classes: int = 10) -> Attack:
     if isinstance(spec, Attack):
         if "eps" not in {f.name for f in dataclasses.fields(spec)}:
             return spec
@@ -195,9 +202,13 @@ def _resolve(spec: AttackSpec, eps: float, norm: str) -> Attack:
     if spec not in _REGISTRY:
         raise ValueError(f"unknown attack {spec!r}; known: {attack_names()}")
     try:
-        return _REGISTRY[spec](eps, norm)
+        return _REGISTRY[spec](eps, norm, num_classes)
     except AttributeError as exc:
         raise ValueError(f"attack {spec!r} is not available in this build: {exc}") from exc
+
+
+def _has_budget(attack: Attack) -> bool:
+    return "eps" in {f.name for f in dataclasses.fields(attack)}
 
 
 def _spec_name(spec: AttackSpec, norm: str) -> str:
@@ -218,8 +229,16 @@ def _check_eps_list(eps: Sequence[float]) -> list[float]:
     return sorted(set(values))
 
 
-def _norms_of(res, norm: str) -> np.ndarray:
-    return np.array(res.norms)
+def _attack_once(robust, x, y, idx, attack, key, batch_size, eot) -> tuple[np.ndarray, np.ndarray]:
+    """Attack samples ``idx``; (success, norms) per attacked sample."""
+    sel = mx.array(idx.astype(np.int32))
+    res = robust.attack(x[sel], y[sel], attack, key=key, batch_size=batch_size)
+    succ = np.array(res.success)
+    if robust.is_random:
+        # A success seen under one lucky draw is not a success: re-judge x_adv on the mean logits
+        # of fresh draws.
+        succ &= np.array(_mean_prediction(robust, res.x_adv, eot) != y[sel])
+    return succ, np.array(res.norms)
 
 
 def evaluate(
@@ -266,7 +285,7 @@ def evaluate(
     if not specs:
         raise ValueError("attacks must name at least one attack")
     for spec in specs:  # fail fast, before any attack runs
-        _resolve(spec, eps_list[0], norm)
+        _resolve(spec, eps_list[0], norm, robust._num_classes or 10)
     names = [_spec_name(s, norm) for s in specs]
     if len(set(names)) != len(names):
         raise ValueError(f"attacks must have distinct names, got {names}")
@@ -292,26 +311,33 @@ def evaluate(
     stats: dict[tuple[str, float], AttackStats] = {}
     ensemble: dict[float, float] = {}
     eot = robust.eot_samples()
+    minimal: dict[str, dict[int, tuple[bool, float]]] = {}
     try:
         for e in eps_list:
             still = clean_correct.copy()  # robust to every attack so far
             for spec, name in zip(specs, names):
-                attack = _resolve(spec, e, norm)
+                attack = _resolve(spec, e, norm, robust.num_classes)
                 eot = max(eot, robust.eot_samples(getattr(attack, "eot_samples", None)))
                 idx = np.flatnonzero(still if cumulative else clean_correct)
                 t0 = time.perf_counter()
                 broken = np.zeros(n, dtype=bool)
                 norms = np.zeros(0)
                 if idx.size and (e > 0 or robust.is_random):  # eps 0 cannot move a deterministic model
-                    sel = mx.array(idx.astype(np.int32))
-                    res = robust.attack(xv[sel], yv[sel], attack, key=key, batch_size=batch_size)
-                    succ = np.array(res.success)
-                    if robust.is_random:
-                        # A success seen under one lucky draw is not a success: re-judge x_adv on the
-                        # mean logits of fresh draws.
-                        succ &= np.array(_mean_prediction(robust, res.x_adv, eot) != yv[sel])
+                    if _has_budget(attack):
+                        succ, norms_all = _attack_once(robust, xv, yv, idx, attack, key, batch_size, eot)
+                    else:
+                        # A minimal-perturbation attack (C&W) runs once on every clean-correct sample;
+                        # at each eps it counts only where it stayed within eps.
+                        if name not in minimal:
+                            all_idx = np.flatnonzero(clean_correct)
+                            minimal[name] = dict(zip(all_idx.tolist(), zip(*_attack_once(
+                                robust, xv, yv, all_idx, attack, key, batch_size, eot))))
+                        pairs = [minimal[name][i] for i in idx.tolist()]
+                        succ = np.array([p[0] for p in pairs], dtype=bool)
+                        norms_all = np.array([p[1] for p in pairs], dtype=np.float32)
+                        succ &= norms_all <= e * (1 + 1e-6)
                     broken[idx[succ]] = True
-                    norms = _norms_of(res, norm)[succ]
+                    norms = norms_all[succ]
                 seconds = time.perf_counter() - t0
                 robust_mask = (still if cumulative else clean_correct) & ~broken
                 still &= ~broken

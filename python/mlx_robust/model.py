@@ -12,6 +12,7 @@ import numpy as np
 from mlx_robust import _functional
 from mlx_robust.attacks import PGD, Attack, AttackResult
 from mlx_robust.defences import GaussianNoise
+from mlx_robust.smoothing import Certification, Smoothing
 from mlx_robust.validation import POLICIES, ValidationReport, as_labels, check_bounds, validate
 
 
@@ -42,6 +43,9 @@ class RobustModel:
         on_invalid: "raise" (default) or "clip" for inputs outside ``bounds`` (NaN/Inf always raise).
         noise: a random input defence (``mr.GaussianNoise(std)``) applied before the model in
             ``robust(x)``, ``predict`` and attacks; attacks then use EOT by default.
+        smoothing: randomized smoothing (``mr.Smoothing(sigma)``, Cohen et al. 2019): ``predict``
+            returns the smoothed class (-1 = abstain) and ``certify`` a certified L2 radius.
+            ``robust(x)`` and attacks still see the base model.
 
     Example:
         >>> robust = mr.RobustModel(model, bounds=(0.0, 1.0), input_shape=(8, 8, 1), num_classes=10)
@@ -58,6 +62,7 @@ class RobustModel:
         num_classes: Optional[int] = None,
         on_invalid: str = "raise",
         noise: Optional[GaussianNoise] = None,
+        smoothing: Optional[Smoothing] = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an mlx.nn.Module, got {type(model).__name__}")
@@ -72,7 +77,13 @@ class RobustModel:
             raise ValueError(f"on_invalid must be one of {POLICIES}, got {on_invalid!r}")
         if noise is not None and not isinstance(noise, GaussianNoise):
             raise TypeError(f"noise must be an mr.GaussianNoise, got {type(noise).__name__}")
+        if smoothing is not None and not isinstance(smoothing, Smoothing):
+            raise TypeError(f"smoothing must be an mr.Smoothing, got {type(smoothing).__name__}")
+        if smoothing is not None and noise is not None:
+            raise ValueError("pass either noise= (a random input defence) or smoothing= (randomized smoothing), not both")
         self.noise = noise
+        self.smoothing = smoothing
+        self._smooth_fn = _functional.SmoothedFunction(model)
         self._fn = _functional.ModelFunction(model, transform=None if noise is None else noise.apply)
         self.bounds = (lo, hi)
         self.input_shape = input_shape
@@ -141,8 +152,20 @@ class RobustModel:
             logits = self.model(x)
         return mx.stop_gradient(mx.softmax(logits.astype(mx.float32), axis=-1))
 
-    def predict(self, x: Any) -> mx.array:
-        """Predicted classes (N,) int32 of a validated batch, computed in eval mode."""
+    def predict(self, x: Any, *, key: Optional[mx.array] = None) -> mx.array:
+        """Predicted classes (N,) int32 of a validated batch, computed in eval mode.
+
+        With ``smoothing``: the smoothed classifier's PREDICT (Cohen et al. 2019,
+        https://arxiv.org/abs/1902.02918), -1 where it abstains; ``key`` (``mr.key(seed)`` or (N, 2)
+        per-input keys) makes it reproducible. Without smoothing ``key`` is not used.
+        """
+        if self.smoothing is not None:
+            from mlx_robust.smoothing import smoothed_predict
+
+            return smoothed_predict(self, x, key=key)
+        return self._base_predict(x)
+
+    def _base_predict(self, x: Any) -> mx.array:
         x, _ = self.validate(x)
         with _functional.preserved(self.model, training=False):
             logits = self._logits(x)
@@ -182,7 +205,7 @@ class RobustModel:
         if self._num_classes is None:
             with _functional.preserved(self.model, training=False):
                 self._logits(x[:1])
-        y = self.predict(x) if y is None else as_labels(y, n, self.num_classes, "y")
+        y = self._base_predict(x) if y is None else as_labels(y, n, self.num_classes, "y")
         targets = None if y_target is None else as_labels(y_target, n, self.num_classes, "y_target")
         if key is None:
             key = _fresh_key()
@@ -216,6 +239,46 @@ class RobustModel:
             cat("x_adv"), cat("success"), cat("norms"), cat("logits"), cat("loss"), y, targets, parts[0].attack,
             parts[0].eot_samples,
         )
+
+    def certify(
+        self,
+        x: Any,
+        *,
+        n0: Optional[int] = None,
+        n: Optional[int] = None,
+        alpha: Optional[float] = None,
+        sigma: Optional[float] = None,
+        batch_size: Optional[int] = None,
+        key: Optional[mx.array] = None,
+        progress: Optional[bool] = None,
+    ) -> Certification:
+        """CERTIFY (Cohen et al. 2019, https://arxiv.org/abs/1902.02918): smoothed class and certified
+        L2 radius per input; -1 and radius 0 where it abstains. Settings default to ``smoothing``
+        (``sigma=`` is required without it). See :func:`mlx_robust.smoothing.certify`.
+
+        Example:
+            >>> cls, radius = robust.certify(x, n0=100, n=100_000, alpha=1e-3, key=mr.key(0))
+        """
+        from mlx_robust.smoothing import certify
+
+        return certify(self, x, n0=n0, n=n, alpha=alpha, sigma=sigma, batch_size=batch_size, key=key,
+                       progress=progress)
+
+    def adversarial_value_and_grad(self, loss_fn: Any, *, attack: Optional[PGD] = None, method: str = "pgd-at", **params: Any) -> Any:
+        """Adversarial training of the wrapped model: ``mr.adversarial_value_and_grad(self, ...)``.
+
+        The same object then serves training and defended inference; its bounds, input shape and
+        validation apply to the training batches. Methods and parameters (``beta``,
+        ``clean_weight``, ``sigma``, ``replays``): see :func:`mlx_robust.adversarial_value_and_grad`
+        (PGD-AT, Madry et al. 2018; TRADES, Zhang et al. 2019; MART, Wang et al. 2020; ...).
+
+        Example:
+            >>> loss_and_grad = robust.adversarial_value_and_grad(loss_fn, attack=mr.PGD(eps=0.1, steps=7))
+            >>> loss, grads = loss_and_grad(robust.model, x, y)
+        """
+        from mlx_robust.adversarial import adversarial_value_and_grad
+
+        return adversarial_value_and_grad(self, loss_fn, attack=attack, method=method, **params)
 
 
 def _check_finite_logits(logits: mx.array) -> None:

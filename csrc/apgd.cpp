@@ -77,21 +77,7 @@ mx::array checked_logits(
     const mx::array& x,
     int num_classes,
     const char* tag) {
-  auto logits = forward(params, x);
-  if (logits.ndim() != 2 || logits.shape(0) != x.shape(0) || logits.shape(1) != num_classes) {
-    std::ostringstream msg;
-    msg << "[" << tag << "] model output must have shape (" << x.shape(0) << ", " << num_classes
-        << ") for a batch of " << x.shape(0) << ", got (";
-    for (int i = 0; i < static_cast<int>(logits.ndim()); ++i) {
-      msg << (i ? ", " : "") << logits.shape(i);
-    }
-    msg << (logits.ndim() == 1 ? ",)" : ")");
-    throw std::invalid_argument(msg.str());
-  }
-  if (!mx::issubdtype(logits.dtype(), mx::floating)) {
-    throw std::invalid_argument(std::string("[") + tag + "] model output must be floating point logits");
-  }
-  return mx::astype(logits, mx::float32);
+  return mlx_robust::checked_logits(forward, params, x, num_classes, tag);
 }
 
 Scored score(

@@ -52,11 +52,37 @@ void check_labels(const mx::array& y, int num_classes, const char* where, const 
   mx::eval(range);
   auto r = range.data<int64_t>();
   if (r[0] < 0 || r[1] >= num_classes) {
-    std::ostringstream os;
-    os << "[" << where << "] " << name << " must lie in [0, " << num_classes << "), got labels in ["
-       << r[0] << ", " << r[1] << "]";
-    throw std::invalid_argument(os.str());
+    throw std::invalid_argument(
+        std::string("[") + where + "] " + name + " must lie in [0, " + std::to_string(num_classes) +
+        "), got labels in [" + std::to_string(r[0]) + ", " + std::to_string(r[1]) + "]");
   }
+}
+
+std::string shape_string(const mx::array& a) {
+  std::string out = "(";
+  for (int i = 0; i < static_cast<int>(a.ndim()); ++i) {
+    out += (i ? ", " : "") + std::to_string(a.shape(i));
+  }
+  return out + (a.ndim() == 1 ? ",)" : ")");
+}
+
+mx::array checked_logits(
+    const ForwardFn& forward,
+    const std::vector<mx::array>& params,
+    const mx::array& x,
+    int num_classes,
+    const char* where) {
+  auto logits = forward(params, x);
+  if (logits.ndim() != 2 || logits.shape(0) != x.shape(0) || logits.shape(1) != num_classes) {
+    throw std::invalid_argument(
+        std::string("[") + where + "] model output must have shape (" + std::to_string(x.shape(0)) +
+        ", " + std::to_string(num_classes) + ") for a batch of " + std::to_string(x.shape(0)) +
+        ", got " + shape_string(logits));
+  }
+  if (!mx::issubdtype(logits.dtype(), mx::floating)) {
+    throw std::invalid_argument(std::string("[") + where + "] model output must be floating point logits");
+  }
+  return mx::astype(logits, mx::float32);
 }
 
 LossKind parse_loss(const std::string& loss) {
@@ -135,27 +161,6 @@ struct Evaluated {
   mx::array loss, success, logits;
 };
 
-mx::array checked_logits(
-    const ForwardFn& forward,
-    const std::vector<mx::array>& params,
-    const mx::array& x,
-    int num_classes) {
-  auto logits = forward(params, x);
-  if (logits.ndim() != 2 || logits.shape(0) != x.shape(0) || logits.shape(1) != num_classes) {
-    std::ostringstream msg;
-    msg << "[attack] model output must have shape (" << x.shape(0) << ", " << num_classes
-        << ") for a batch of " << x.shape(0) << ", got (";
-    for (int i = 0; i < static_cast<int>(logits.ndim()); ++i) {
-      msg << (i ? ", " : "") << logits.shape(i);
-    }
-    msg << (logits.ndim() == 1 ? ",)" : ")");
-    throw std::invalid_argument(msg.str());
-  }
-  if (!mx::issubdtype(logits.dtype(), mx::floating)) {
-    throw std::invalid_argument("[attack] model output must be floating point logits");
-  }
-  return mx::astype(logits, mx::float32);
-}
 
 // Objective, success and logits at x. A stochastic model is run eot_samples times with keys drawn
 // from step t's key (EOT, Athalye et al. 2018): objective and logits are the means over the draws,

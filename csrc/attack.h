@@ -26,6 +26,21 @@ using ForwardFn = std::function<mx::array(const std::vector<mx::array>&, const m
 
 enum class LossKind : int { CrossEntropy = 0, Margin = 1, KL = 2 };
 
+/** "(64, 8, 8, 1)" / "(64,)": a shape for error messages, built without std::ostringstream
+    (a message built with one crashed an in-place g++ 13 build against the mlx-cuda wheel). */
+std::string shape_string(const mx::array& a);
+
+/**
+ * forward(params, x) checked to be floating logits of shape (N, num_classes), returned as float32;
+ * otherwise std::invalid_argument("[<where>] model output must have shape ...").
+ */
+mx::array checked_logits(
+    const ForwardFn& forward,
+    const std::vector<mx::array>& params,
+    const mx::array& x,
+    int num_classes,
+    const char* where = "attack");
+
 /**
  * Check that every label in `y` (N,) lies in [0, num_classes): an out-of-range label would make
  * the gather in the loss, and the scatter in its gradient, touch memory outside the logits.

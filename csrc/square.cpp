@@ -107,27 +107,6 @@ constexpr int kLevels = 10;  // p_init / 2^0 .. p_init / 2^9
 constexpr float kUnchanged = 1e-7f;  // the official code's "this draw changes nothing" tolerance
 constexpr uint64_t kTag = 0x5351554152450000ull;  // "SQUARE": keeps our cache entries apart
 
-mx::array checked_logits(
-    const ForwardFn& forward,
-    const std::vector<mx::array>& params,
-    const mx::array& x,
-    int num_classes) {
-  auto logits = forward(params, x);
-  if (logits.ndim() != 2 || logits.shape(0) != x.shape(0) || logits.shape(1) != num_classes) {
-    std::ostringstream msg;
-    msg << "[square] model output must have shape (" << x.shape(0) << ", " << num_classes
-        << ") for a batch of " << x.shape(0) << ", got (";
-    for (int i = 0; i < static_cast<int>(logits.ndim()); ++i) {
-      msg << (i ? ", " : "") << logits.shape(i);
-    }
-    msg << (logits.ndim() == 1 ? ",)" : ")");
-    throw std::invalid_argument(msg.str());
-  }
-  if (!mx::issubdtype(logits.dtype(), mx::floating)) {
-    throw std::invalid_argument("[square] model output must be floating point logits");
-  }
-  return mx::astype(logits, mx::float32);
-}
 
 struct Scored {
   mx::array loss, success, logits;
@@ -147,7 +126,7 @@ Scored score(
   if (cfg.stochastic) {
     p.push_back(noise_key);
   }
-  auto logits = checked_logits(forward, p, x, num_classes);
+  auto logits = checked_logits(forward, p, x, num_classes, "square");
   auto loss = mx::negative(attack_objective(logits, y, cfg.loss, cfg.targeted));
   return {loss, attack_success(logits, y, cfg.targeted), logits};
 }
@@ -480,9 +459,8 @@ SquareOutput SquareEngine::run(
     const SquareConfig& cfg,
     const mx::array& key) {
   if (x0_in.ndim() != 4) {
-    std::ostringstream msg;
-    msg << "[square] x must be a batch of NHWC images (N, H, W, C), got rank " << x0_in.ndim();
-    throw std::invalid_argument(msg.str());
+    throw std::invalid_argument(
+        "[square] x must be a batch of NHWC images (N, H, W, C), got rank " + std::to_string(x0_in.ndim()));
   }
   if (x0_in.size() == 0) {
     throw std::invalid_argument("[square] x must be a non-empty batch");

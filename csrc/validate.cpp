@@ -1,37 +1,41 @@
 #include "validate.h"
 
-#include <sstream>
+#include "attack.h"
+
 
 namespace mlx_robust {
 
 namespace {
 
-// "(N, 8, 8, 1)" for a per-sample shape, "(64,)" for a full one. Reads dims one at a time
-// (array::shape(i)) rather than through a Shape reference: an in-place build with g++ 13 against
-// the mlx-cuda wheel crashed iterating the reference here (measured on the device).
-std::string shape_str(const mx::array& x, int first_dim, bool batch) {
-  std::ostringstream os;
-  os << "(";
-  int dims = 0;
-  if (batch) {
-    os << "N";
-    ++dims;
+// "(N, 8, 8, 1)" for a per-sample shape. Messages are built from std::string pieces, never an
+// ostringstream: one built that way crashed an in-place g++ 13 build against the mlx-cuda wheel.
+// libmlx does not export dtype_to_string.
+const char* dtype_name(mx::Dtype t) {
+  switch (t) {
+    case mx::bool_: return "bool";
+    case mx::uint8: return "uint8";
+    case mx::uint16: return "uint16";
+    case mx::uint32: return "uint32";
+    case mx::uint64: return "uint64";
+    case mx::int8: return "int8";
+    case mx::int16: return "int16";
+    case mx::int32: return "int32";
+    case mx::int64: return "int64";
+    case mx::float16: return "float16";
+    case mx::bfloat16: return "bfloat16";
+    case mx::float32: return "float32";
+    case mx::float64: return "float64";
+    case mx::complex64: return "complex64";
+    default: return "an unsupported dtype";
   }
-  for (int i = first_dim; i < static_cast<int>(x.ndim()); ++i, ++dims) {
-    os << (dims ? ", " : "") << x.shape(i);
-  }
-  os << (dims == 1 ? ",)" : ")");
-  return os.str();
 }
 
-std::string shape_str(const std::vector<int>& s) {
-  std::ostringstream os;
-  os << "(N";
+std::string sample_shape_string(const std::vector<int>& s) {
+  std::string out = "(N";
   for (int d : s) {
-    os << ", " << d;
+    out += ", " + std::to_string(d);
   }
-  os << (s.empty() ? ",)" : ")");
-  return os.str();
+  return out + (s.empty() ? ",)" : ")");
 }
 
 std::vector<int> first_nonzero(const mx::array& counts, int limit) {
@@ -52,16 +56,13 @@ void check_batch_structure(
     const std::optional<std::vector<int>>& sample_shape,
     const std::string& name) {
   if (!mx::issubdtype(x.dtype(), mx::floating)) {
-    std::ostringstream os;
-    os << "[validate] " << name << " must be a floating-point array (float32, float16 or bfloat16), got "
-       << x.dtype();
-    throw DTypeError(os.str());
+    throw DTypeError("[validate] " + name +
+                     " must be a floating-point array (float32, float16 or bfloat16), got " +
+                     dtype_name(x.dtype()));
   }
   if (x.ndim() < 2) {
-    std::ostringstream os;
-    os << "[validate] " << name << " must be a batch of rank >= 2 (N, ...), got shape "
-       << shape_str(x, 0, false);
-    throw std::invalid_argument(os.str());
+    throw std::invalid_argument("[validate] " + name + " must be a batch of rank >= 2 (N, ...), got shape " +
+                                shape_string(x));
   }
   if (x.shape(0) == 0) {
     throw std::invalid_argument("[validate] " + name + " is an empty batch (N = 0)");
@@ -72,10 +73,8 @@ void check_batch_structure(
       same = x.shape(i) == (*sample_shape)[i - 1];
     }
     if (!same) {
-      std::ostringstream os;
-      os << "[validate] " << name << " has shape " << shape_str(x, 0, false)
-         << " but the model expects " << shape_str(*sample_shape);
-      throw std::invalid_argument(os.str());
+      throw std::invalid_argument("[validate] " + name + " has shape " + shape_string(x) +
+                                  " but the model expects " + sample_shape_string(*sample_shape));
     }
   }
 }

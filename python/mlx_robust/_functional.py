@@ -100,13 +100,16 @@ class ModelFunction:
 
     @property
     def trace_count(self) -> int:
-        return self.engine.trace_count
+        """Model traces by every engine of this model (PGD, APGD, C&W, Square)."""
+        return self.engine.trace_count + self.suite_trace_count
 
     def chosen_unroll(self, shape: Sequence[int]) -> int:
         return self.engine.chosen_unroll(list(shape))
 
     def clear(self) -> None:
+        """Drop the compiled functions of every engine of this model."""
         self.engine.clear()
+        self.clear_suite()
 
     def run_attack(
         self,
@@ -189,13 +192,20 @@ class ModelFunction:
         return self._suite_engine("_cw_engine", _core.CwEngine)
 
     @property
+    def square_engine(self) -> "_core.SquareEngine":
+        """The compiled Square attack of this model (created on first use)."""
+        return self._suite_engine("_square_engine", _core.SquareEngine)
+
+    _SUITE = ("_apgd_engine", "_cw_engine", "_square_engine")
+
+    @property
     def suite_trace_count(self) -> int:
-        """Model traces by the APGD and C&W engines (constant once every shape was traced)."""
-        return sum(e.trace_count for e in (self.__dict__.get("_apgd_engine"), self.__dict__.get("_cw_engine")) if e)
+        """Model traces by the APGD, C&W and Square engines (constant once every shape was traced)."""
+        return sum(e.trace_count for e in (self.__dict__.get(a) for a in self._SUITE) if e)
 
     def clear_suite(self) -> None:
-        """Drop the compiled functions of the APGD and C&W engines."""
-        for attr in ("_apgd_engine", "_cw_engine"):
+        """Drop the compiled functions of the APGD, C&W and Square engines."""
+        for attr in self._SUITE:
             engine = self.__dict__.get(attr)
             if engine is not None:
                 engine.clear()
@@ -403,23 +413,14 @@ def betaincinv(a: float, b: float, p: float) -> float:
 
 # --- Square attack (score-based black box; csrc/square.h) --------------------------------------
 
-import weakref  # noqa: E402
-
-# One compiled Square engine per ModelFunction, dying with it (the engine holds no reference back).
-_SQUARE_ENGINES: "weakref.WeakKeyDictionary[ModelFunction, _core.SquareEngine]" = weakref.WeakKeyDictionary()
-
-
 def square_engine(fn: ModelFunction) -> "_core.SquareEngine":
     """The Square attack's compiled engine for ``fn``'s model, created on first use."""
-    engine = _SQUARE_ENGINES.get(fn)
-    if engine is None:
-        engine = _SQUARE_ENGINES.setdefault(fn, _core.SquareEngine())
-    return engine
+    return fn.square_engine
 
 
 def square_trace_count(fn: ModelFunction) -> int:
     """How often the Square engine of ``fn`` traced the model (0 before its first run)."""
-    engine = _SQUARE_ENGINES.get(fn)
+    engine = fn.__dict__.get("_square_engine")
     return 0 if engine is None else engine.trace_count
 
 

@@ -297,7 +297,7 @@ def evaluate(
     from mlx_robust.validation import as_labels
 
     if robust._num_classes is None:
-        robust.predict(xv[:1])
+        robust._base_predict(xv[:1])
     yv = as_labels(y, n, robust.num_classes, "y")
     clean_pred = _predict_batched(robust, xv, batch_size)
     clean_correct = np.array(clean_pred == yv)
@@ -373,7 +373,7 @@ def _mean_prediction(robust: RobustModel, x: mx.array, draws: int) -> mx.array:
 
 def _predict_batched(robust: RobustModel, x: mx.array, batch_size: Optional[int]) -> mx.array:
     step = x.shape[0] if batch_size is None else batch_size
-    return mx.concatenate([robust.predict(x[s : s + step]) for s in range(0, x.shape[0], step)])
+    return mx.concatenate([robust._base_predict(x[s : s + step]) for s in range(0, x.shape[0], step)])
 
 
 def _masking_checks(

@@ -614,8 +614,11 @@ def certified_demo_line(
     radii: Sequence[float] = (0.0, 0.25, 0.5),
     limit: Optional[int] = 100,
     seed: int = 0,
+    plot: Optional[str] = None,
 ) -> str:
     """One line for ``mlx-robust demo``: certified L2 accuracy of the smoothed model on a test set.
+
+    ``plot``: also write the certified-accuracy-vs-radius plot there (needs matplotlib).
 
     Randomized smoothing (Cohen et al. 2019, https://arxiv.org/abs/1902.02918) of ``model`` at
     ``sigma``, CERTIFY with ``n0``/``n`` samples at level ``alpha`` on the first ``limit`` test
@@ -629,6 +632,8 @@ def certified_demo_line(
     robust = RobustModel(model, bounds=(0.0, 1.0), input_shape=tuple(x_test.shape[1:]),
                          smoothing=Smoothing(sigma=sigma, n=n, n0=n0, alpha=alpha, batch_size=min(n, 1000)))
     report = certified_accuracy(robust, x_test, y_test, radii, key=mx.random.key(seed), progress=False)
+    if plot is not None:
+        report.plot(plot)
     accs = ", ".join(f"{a:.1%} at r={r:g}" for r, a in zip(report.radii, report.accuracy))
     count = len(np.array(report.labels))
     which = f"first {count} test images" if limit is not None else f"{count} test images"

@@ -299,7 +299,12 @@ def evaluate(
     if robust._num_classes is None:
         robust._base_predict(xv[:1])
     yv = as_labels(y, n, robust.num_classes, "y")
-    clean_pred = _predict_batched(robust, xv, batch_size)
+    if robust.is_random:
+        # A random defence's clean prediction is judged like its adversarial ones: on the mean
+        # logits of fresh draws, not on one draw.
+        clean_pred = _mean_prediction(robust, xv, robust.eot_samples())
+    else:
+        clean_pred = _predict_batched(robust, xv, batch_size)
     clean_correct = np.array(clean_pred == yv)
     clean_accuracy = float(clean_correct.mean())
 

@@ -3,32 +3,13 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include "bind_util.h"
 #include "smoothing.h"
 #include "stats.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
 using namespace mlx_robust;
-
-namespace {
-
-// Borrow the Python callable: the caller keeps it alive for the call, and nothing C++ stores
-// holds a reference to it, so no hidden cycle can keep the model alive.
-ModelForward borrow_model(nb::handle fn) {
-  return [fn](const std::vector<mx::array>& params, const mx::array& x) -> mx::array {
-    nb::gil_scoped_acquire gil;
-    nb::object out = fn(nb::cast(params), nb::cast(x));
-    mx::array* arr = nullptr;
-    if (!nb::try_cast<mx::array*>(out, arr) || arr == nullptr) {
-      throw std::invalid_argument(
-          std::string("[certify] the model must return an mx.array of floating-point logits, got ") +
-          nb::type_name(out.type()).c_str());
-    }
-    return *arr;
-  };
-}
-
-} // namespace
 
 void init_smoothing(nb::module_& m) {
   nb::class_<SmoothingEngine>(m, "SmoothingEngine",
@@ -48,7 +29,7 @@ void init_smoothing(nb::module_& m) {
             cfg.batch_size = batch_size;
             cfg.num_classes = num_classes;
             cfg.overlap = overlap;
-            auto fn = borrow_model(forward);
+            auto fn = borrow_forward(forward, "certify");
             nb::gil_scoped_release nogil;
             return self.vote_counts(fn, params, x, keys, cfg);
           },

@@ -3,31 +3,12 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include "bind_util.h"
 #include "square.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
 using namespace mlx_robust;
-
-namespace {
-
-// Borrow the Python callable (as bindings.cpp does): the caller keeps it alive for the call and
-// nothing C++ stores holds a reference to it, so no hidden cycle can keep the model alive.
-ForwardFn borrow_forward(nb::handle fn) {
-  return [fn](const std::vector<mx::array>& params, const mx::array& x) -> mx::array {
-    nb::gil_scoped_acquire gil;
-    nb::object out = fn(nb::cast(params), nb::cast(x));
-    mx::array* arr = nullptr;
-    if (!nb::try_cast<mx::array*>(out, arr) || arr == nullptr) {
-      throw std::invalid_argument(
-          std::string("[square] the model must return an mx.array of floating-point logits, got ") +
-          nb::type_name(out.type()).c_str());
-    }
-    return *arr;
-  };
-}
-
-} // namespace
 
 void init_square(nb::module_& m) {
   nb::class_<SquareEngine>(m, "SquareEngine",
@@ -40,9 +21,7 @@ void init_square(nb::module_& m) {
              const mx::array& hi, int num_classes, const std::string& norm, const std::string& loss,
              int n_queries, double p_init, bool targeted, bool early_stop, int unroll,
              bool stochastic, const mx::array& key) {
-            if (!PyCallable_Check(forward.ptr())) {
-              throw std::invalid_argument("[square] forward must be callable");
-            }
+            require_callable(forward, "square");
             SquareConfig cfg;
             cfg.norm = parse_norm(norm);
             cfg.loss = parse_loss(loss);
@@ -52,7 +31,7 @@ void init_square(nb::module_& m) {
             cfg.early_stop = early_stop;
             cfg.unroll = unroll;
             cfg.stochastic = stochastic;
-            auto fn = borrow_forward(forward);
+            auto fn = borrow_forward(forward, "square");
             SquareOutput out = [&] {
               nb::gil_scoped_release nogil;
               return self.run(fn, params, x0, y, eps, lo, hi, num_classes, cfg, key);

@@ -6,6 +6,7 @@
 #include <nanobind/stl/vector.h>
 
 #include "apgd.h"
+#include "bind_util.h"
 #include "attack.h"
 #include "cw.h"
 #include "project.h"
@@ -15,28 +16,6 @@ using namespace nb::literals;
 using namespace mlx_robust;
 
 namespace {
-
-// Borrow the Python callable (as bindings.cpp does): the caller keeps it alive for the call, and
-// nothing C++ stores holds a reference to it, so no hidden cycle can keep the model alive.
-ForwardFn borrow_forward(nb::handle fn, const char* tag) {
-  std::string prefix = std::string("[") + tag + "] ";
-  return [fn, prefix](const std::vector<mx::array>& params, const mx::array& x) -> mx::array {
-    nb::gil_scoped_acquire gil;
-    nb::object out = fn(nb::cast(params), nb::cast(x));
-    mx::array* arr = nullptr;
-    if (!nb::try_cast<mx::array*>(out, arr) || arr == nullptr) {
-      throw std::invalid_argument(prefix + "the model must return an mx.array of floating-point logits, got " +
-                                  nb::type_name(out.type()).c_str());
-    }
-    return *arr;
-  };
-}
-
-void check_callable(nb::handle forward, const char* tag) {
-  if (!PyCallable_Check(forward.ptr())) {
-    throw std::invalid_argument(std::string("[") + tag + "] forward must be callable");
-  }
-}
 
 nb::tuple as_tuple(const AttackOutput& out) {
   return nb::make_tuple(out.x_adv, out.success, out.loss, out.logits, out.norms);
@@ -56,7 +35,7 @@ void init_suite(nb::module_& m) {
              int steps, int restarts, int n_target_classes, const std::optional<mx::array>& target,
              float rho, bool early_stop, int unroll, bool stochastic, int eot_samples,
              const mx::array& key) {
-            check_callable(forward, "apgd");
+            require_callable(forward, "apgd");
             ApgdConfig cfg;
             try {
               cfg.norm = parse_norm(norm);
@@ -116,7 +95,7 @@ void init_suite(nb::module_& m) {
              int num_classes, bool targeted, float c, float kappa, int steps, float lr,
              int binary_search_steps, bool early_abort, int unroll, bool stochastic, int eot_samples,
              const mx::array& key) {
-            check_callable(forward, "cw");
+            require_callable(forward, "cw");
             CwConfig cfg;
             cfg.targeted = targeted;
             cfg.initial_const = c;

@@ -20,39 +20,13 @@ The three runs are interleaved, repeated --reps times, and the medians reported.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
-import subprocess
 import time
-from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 import mlx_robust as mr
 
-
-def backend_description() -> str:
-    dev = mx.default_device()
-    info = mx.device_info() if hasattr(mx, "device_info") else {}
-    name = info.get("device_name", "?")
-    if dev.type == mx.cpu:
-        blas = "Accelerate" if platform.system() == "Darwin" else "unknown BLAS"
-        if platform.system() == "Linux":
-            lib = Path(mx.__file__).parent / "lib" / "libmlx.so"
-            try:
-                out = subprocess.run(["ldd", str(lib)], capture_output=True, text=True).stdout
-                libs = [ln.split()[0] for ln in out.splitlines() if "blas" in ln.lower()]
-                blas = ", ".join(libs) or "no BLAS linked"
-            except OSError:
-                pass
-        return f"{dev} ({name}), BLAS: {blas}"
-    return f"{dev} ({name})"
-
-
-def make_model(kind: str) -> nn.Module:
-    if kind == "mlp":
-        return mr.models.MLP(784, hidden=(256, 256), num_classes=10)
-    return mr.models.SmallCNN(in_channels=1, num_classes=10, image_size=28, channels=(32, 64))
+from bench_attack import backend_description, make_model  # noqa: E402 (same models, same report)
 
 
 def timed(fn) -> float:

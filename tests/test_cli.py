@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import textwrap
 
-import mlx.core as mx
 import numpy as np
 import pytest
 
-import mlx_robust as mr
 from mlx_robust.cli import main
 
 

@@ -119,3 +119,16 @@ def test_core_rejects_out_of_range_labels_instead_of_corrupting_memory():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "6"
+
+
+def test_short_leak_run_over_attacks_and_certifications():
+    # The long run (1,000 calls each) is tests/fuzz/leak_run.py --calls 1000; CI runs 100.
+    import os
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), "fuzz", "leak_run.py")
+    proc = subprocess.run([sys.executable, script, "--calls", "100", "--warmup", "20"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+    assert "attack" in proc.stdout and "certify" in proc.stdout

@@ -15,7 +15,8 @@ def test_fuzz_short_profile(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"fuzz exited with {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     summary = json.loads(report.read_text())
-    assert set(summary) >= {"validate", "attack", "core_engine", "core_helpers", "loaders", "evaluate"}
+    assert set(summary) >= {"validate", "attack", "core_engine", "core_helpers", "loaders", "evaluate",
+                            "suite_attacks", "smoothing", "stats", "training"}
     for name, entry in summary.items():
         assert entry["status"] == "ok", (name, entry)
         # Both sides of the contract were exercised: valid results and clear errors.

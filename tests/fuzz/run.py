@@ -297,6 +297,117 @@ def fuzz_evaluate(data):
                                                   progress=False, checks=data.draw(st.booleans())))
 
 
+def fuzz_suite_attacks(data):
+    shape, x = data.draw(batches())
+    n = x.shape[0] if len(x.shape) else 0
+    y = data.draw(labels(n))
+    which = data.draw(st.sampled_from(["APGD", "APGDT", "CW", "Square"]))
+    kw = {}
+    common = [
+        ("eps", mostly(st.floats(0.0, 0.5, width=32), FLOATS)),
+        ("norm", mostly(st.sampled_from(["linf", "l2"]), st.just("l0"))),
+    ]
+    extra = {
+        "APGD": [("steps", mostly(st.integers(1, 6), st.integers(-1, 0))),
+                 ("loss", mostly(st.sampled_from(["ce", "dlr"]), st.just("x"))),
+                 ("restarts", mostly(st.integers(1, 2), st.just(0)))],
+        "APGDT": [("steps", mostly(st.integers(1, 6), st.integers(-1, 0))),
+                  ("n_target_classes", mostly(st.integers(1, 2), st.integers(-1, 5)))],
+        "CW": [("steps", mostly(st.integers(1, 5), st.integers(-1, 0))),
+               ("binary_search_steps", mostly(st.integers(1, 2), st.integers(-1, 0))),
+               ("kappa", mostly(st.floats(0, 2, width=32), FLOATS)),
+               ("c", mostly(st.floats(2**-8, 10, width=32), FLOATS))],
+        "Square": [("n_queries", mostly(st.integers(1, 20), st.integers(-1, 0))),
+                   ("p_init", mostly(st.floats(0.0625, 1.0, width=32), FLOATS))],
+    }[which]
+    for name, strat in (common if which != "CW" else []) + extra:
+        if data.draw(st.booleans()):
+            kw[name] = data.draw(strat)
+    model = MODELS[shape]
+    robust = mr.RobustModel(model, bounds=(0.0, 1.0), input_shape=shape, num_classes=3)
+    before = [np.array(p) for _, p in mr._functional.tree_flatten(model.parameters())]
+    out = _expect_ok_or_clear_error(lambda: robust.attack(x, y, getattr(mr, which)(**kw), key=mr.key(0)))
+    after = [np.array(p) for _, p in mr._functional.tree_flatten(model.parameters())]
+    assert all(np.array_equal(a, b) for a, b in zip(before, after)), "the model was changed"
+    if not isinstance(out, Exception):
+        xa = np.array(out.x_adv.astype(mx.float32))
+        assert np.isfinite(xa).all() and xa.min() >= -1e-6 and xa.max() <= 1 + 1e-6
+
+
+def fuzz_smoothing(data):
+    shape, x = data.draw(batches())
+    kw = dict(
+        sigma=data.draw(mostly(st.floats(2**-6, 1.0, width=32), FLOATS)),
+        n=data.draw(mostly(st.integers(1, 60), st.integers(-1, 0))),
+        n0=data.draw(mostly(st.integers(1, 20), st.integers(-1, 0))),
+        alpha=data.draw(mostly(st.floats(2**-10, 0.5, width=32), FLOATS)),
+        batch_size=data.draw(mostly(st.integers(1, 64), st.integers(-1, 0))),
+    )
+
+    def call():
+        import warnings as w
+
+        with w.catch_warnings():
+            w.simplefilter("ignore")  # "n too small to ever certify" is a warning by design
+            robust = mr.RobustModel(MODELS[shape], bounds=(0.0, 1.0), input_shape=shape, num_classes=3,
+                                    smoothing=mr.Smoothing(**kw))
+            if data.draw(st.booleans()):
+                return robust.certify(x, key=mr.key(0), progress=False)
+            return robust.predict(x)
+
+    out = _expect_ok_or_clear_error(call)
+    if isinstance(out, tuple):
+        cls, radius = out[0], out[1]
+        c, r = np.array(cls), np.array(radius)
+        assert np.all((c >= -1) & (c < 3)) and np.all(np.isfinite(r) | (c == -1))
+
+
+def fuzz_stats(data):
+    n = data.draw(st.one_of(st.integers(-3, 50), st.integers(0, 10**8)))
+    k = data.draw(st.one_of(st.integers(-3, 60), st.integers(0, 10**8)))
+    p = data.draw(FLOATS)
+    fns = {
+        "clopper_pearson_lower": lambda: _core.clopper_pearson_lower(k, n, p),
+        "clopper_pearson_upper": lambda: _core.clopper_pearson_upper(k, n, p),
+        "binomial_test_pvalue": lambda: _core.binomial_test_pvalue(k, n, p),
+        "normal_ppf": lambda: _core.normal_ppf(p),
+        "normal_cdf": lambda: _core.normal_cdf(p),
+        "betainc": lambda: _core.betainc(abs(p) + 0.5 if p == p else p, float(max(n, 1)), data.draw(FLOATS)),
+        "betaincinv": lambda: _core.betaincinv(float(max(k, 1)), float(max(n, 1)), p),
+    }
+    name = data.draw(st.sampled_from(sorted(fns)))
+    out = _expect_ok_or_clear_error(fns[name])
+    if isinstance(out, float) and name.startswith(("clopper", "binomial")):
+        assert 0.0 <= out <= 1.0
+
+
+def fuzz_training(data):
+    shape = (4,)
+    n = data.draw(mostly(st.integers(1, 4), st.just(0)))
+    x = mx.array(np.random.default_rng(n).uniform(0, 1, (n, 4)).astype(np.float32))
+    y = data.draw(labels(n))
+    method = data.draw(mostly(st.sampled_from(["pgd-at", "trades", "mart", "fgsm-rs", "free", "noise", "mix"]),
+                              st.sampled_from(["nope", 3])))
+    kw = {}
+    for name, strat in [("beta", mostly(st.floats(0, 10, width=32), FLOATS)),
+                        ("clean_weight", mostly(st.floats(0, 1, width=32), FLOATS)),
+                        ("sigma", mostly(st.floats(2**-6, 1, width=32), FLOATS)),
+                        ("replays", mostly(st.integers(1, 4), st.integers(-1, 0)))]:
+        if data.draw(st.integers(0, 3)) == 0:
+            kw[name] = data.draw(strat)
+    model = Linear(4)
+    loss_fn = lambda m, a, b: nn.losses.cross_entropy(m(a), b, reduction="mean")  # noqa: E731
+    attack = data.draw(mostly(st.just(mr.PGD(eps=0.1, steps=2)), st.sampled_from([None, "pgd"])))
+
+    def call():
+        lg = mr.adversarial_value_and_grad(model, loss_fn, attack=attack, method=method, **kw)
+        return lg(model, x, y)
+
+    out = _expect_ok_or_clear_error(call)
+    if isinstance(out, tuple):
+        assert np.isfinite(np.array(out[0]))
+
+
 TARGETS = {
     "validate": fuzz_validate,
     "attack": fuzz_attack,
@@ -304,6 +415,10 @@ TARGETS = {
     "core_helpers": fuzz_core_helpers,
     "loaders": fuzz_loaders,
     "evaluate": fuzz_evaluate,
+    "suite_attacks": fuzz_suite_attacks,
+    "smoothing": fuzz_smoothing,
+    "stats": fuzz_stats,
+    "training": fuzz_training,
 }
 
 

@@ -127,6 +127,7 @@ def test_rising_accuracy_is_flagged():
     (dict(attacks=["pgd"], eps=[-0.1]), ValueError, "eps must be finite and >= 0"),
     (dict(attacks=["pgd"], eps=[float("nan")]), ValueError, "eps must be finite and >= 0"),
     (dict(attacks=["pgd"], norm="l1"), ValueError, "norm must be 'linf' or 'l2'"),
+    (dict(attacks=["cw"], norm="linf"), ValueError, "'cw' \\(Carlini-Wagner L2\\) needs norm='l2'"),
     (dict(attacks=["pgd"], y=np.zeros(7, np.int32)), ValueError, "y has 7 labels but x has 10 samples"),
 ])
 def test_bad_input(mlp, digits, kwargs, exc, match):
@@ -155,3 +156,14 @@ def test_random_defence_is_evaluated_with_eot(mlp, digits):
     rep = mr.evaluate(_robust(mlp, noise=mr.GaussianNoise(0.1, eot_samples=4)), x, y, attacks=["pgd"],
                       eps=[0.1], key=mr.key(2), progress=False, checks=False)
     assert rep.eot_samples == 4 and "EOT-4" in rep.to_markdown()
+
+
+def test_minimal_perturbation_attack_counts_only_within_eps(cnn, digits):
+    x, y = digits[2][:30], digits[3][:30]
+    rep = mr.evaluate(_robust(cnn), x, y, attacks=["cw"], norm="l2", eps=[0.0, 0.3, 1.0, 3.0], key=mr.key(3),
+                      progress=False, checks=False)
+    accs = [rep.robust_accuracy(e) for e in rep.eps]
+    assert accs == sorted(accs, reverse=True)  # more budget, more of C&W's successes count
+    assert accs[0] == pytest.approx(rep.clean_accuracy) and accs[-1] < accs[1]
+    for e in rep.eps[1:]:
+        assert rep.stats[("cw", e)].max_norm <= e + 1e-6

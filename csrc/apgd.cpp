@@ -12,37 +12,6 @@ namespace mlx_robust {
 
 namespace suite {
 
-namespace {
-std::mutex pending_mutex;
-std::vector<std::uintptr_t> pending_ids;
-} // namespace
-
-void erase_ids(const std::vector<std::uintptr_t>& ids) {
-  auto cache = mx::detail::compile_cache();
-  for (auto id : ids) {
-    mx::detail::compile_erase(cache, id);
-  }
-}
-
-void release_ids(const std::vector<std::uintptr_t>& ids) {
-  std::unique_lock<std::mutex> serial(core_mutex(), std::try_to_lock);
-  if (serial.owns_lock()) {
-    erase_ids(ids);
-    return;
-  }
-  std::lock_guard<std::mutex> lock(pending_mutex);
-  pending_ids.insert(pending_ids.end(), ids.begin(), ids.end());
-}
-
-void drain_pending() {
-  std::vector<std::uintptr_t> ids;
-  {
-    std::lock_guard<std::mutex> lock(pending_mutex);
-    ids.swap(pending_ids);
-  }
-  erase_ids(ids);
-}
-
 int unroll_for_step_ms(double ms) {
   return ms < 2.0 ? 10 : (ms < 6.0 ? 4 : 1);
 }

@@ -53,18 +53,10 @@ Scored score(
     const ObjectiveFn& objective,
     const char* tag);
 
-/**
- * Erase compiled-function ids from this thread's compile cache if core_mutex() is free, else
- * defer them to the next suite run (a destructor must not wait for a thread tracing a model,
- * which may be waiting for the GIL the destructor's caller holds).
- */
-void release_ids(const std::vector<std::uintptr_t>& ids);
-
-/** Erase ids deferred by release_ids; call with core_mutex() held, before compiling. */
-void drain_pending();
-
-/** Erase ids now; call with core_mutex() held. */
-void erase_ids(const std::vector<std::uintptr_t>& ids);
+// The shared compile-cache housekeeping of attack.h, under the names the suite engines use.
+inline void release_ids(const std::vector<std::uintptr_t>& ids) { release_compiled(ids); }
+inline void drain_pending() { drain_released(); }
+inline void erase_ids(const std::vector<std::uintptr_t>& ids) { erase_compiled(ids); }
 
 /** Steps per compiled call for a measured step time (ARCHITECTURE §2: unroll host-bound steps). */
 int unroll_for_step_ms(double ms);

@@ -17,29 +17,35 @@ std::mutex& core_mutex() {
 }
 
 namespace {
+std::mutex released_mutex;
+std::vector<std::uintptr_t> released_ids;
+} // namespace
 
-// Compiled-function ids whose engine died while another thread held core_mutex(): erased by the
-// next run() (a destructor must not wait for that thread, which may be waiting for the GIL).
-std::mutex pending_mutex;
-std::vector<std::uintptr_t> pending_erase;
-
-void erase_ids(const std::vector<std::uintptr_t>& ids) {
+void erase_compiled(const std::vector<std::uintptr_t>& ids) {
   auto cache = mx::detail::compile_cache();
   for (auto id : ids) {
     mx::detail::compile_erase(cache, id);
   }
 }
 
-void drain_pending() {
-  std::vector<std::uintptr_t> ids;
-  {
-    std::lock_guard<std::mutex> lock(pending_mutex);
-    ids.swap(pending_erase);
+void release_compiled(const std::vector<std::uintptr_t>& ids) {
+  std::unique_lock<std::mutex> serial(core_mutex(), std::try_to_lock);
+  if (serial.owns_lock()) {
+    erase_compiled(ids);
+    return;
   }
-  erase_ids(ids);
+  std::lock_guard<std::mutex> lock(released_mutex);
+  released_ids.insert(released_ids.end(), ids.begin(), ids.end());
 }
 
-} // namespace
+void drain_released() {
+  std::vector<std::uintptr_t> ids;
+  {
+    std::lock_guard<std::mutex> lock(released_mutex);
+    ids.swap(released_ids);
+  }
+  erase_compiled(ids);
+}
 
 void check_labels(const mx::array& y, int num_classes, const char* where, const char* name) {
   if (!mx::issubdtype(y.dtype(), mx::integer)) {
@@ -261,18 +267,11 @@ mx::array take_rows(const mx::array& a, const mx::array& idx) {
 } // namespace
 
 AttackEngine::~AttackEngine() {
-  std::unique_lock<std::mutex> serial(core_mutex(), std::try_to_lock);
-  if (serial.owns_lock()) {
-    erase_ids({step_id(), eval_id()});
-  } else {
-    std::lock_guard<std::mutex> lock(pending_mutex);
-    pending_erase.push_back(step_id());
-    pending_erase.push_back(eval_id());
-  }
+  release_compiled({step_id(), eval_id()});
 }
 
 void AttackEngine::clear() {
-  erase_ids({step_id(), eval_id()});
+  erase_compiled({step_id(), eval_id()});
   std::lock_guard<std::mutex> lock(mutex_);
   unroll_by_shape_.clear();
 }
@@ -333,7 +332,7 @@ AttackOutput AttackEngine::run(
   }
 
   std::lock_guard<std::mutex> serial(core_mutex());
-  drain_pending();  // before this engine's address can be reused by a new engine's ids
+  drain_released();  // before this engine's address can be reused by a new engine's ids
   auto x0 = mx::astype(x0_in, mx::float32);
   auto y = mx::astype(y_in, mx::int32);
   auto eps = mx::astype(eps_in, mx::float32);

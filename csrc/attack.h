@@ -21,6 +21,19 @@ namespace mlx_robust {
  */
 std::mutex& core_mutex();
 
+/** Erase compiled-function ids from the compile cache now; call with core_mutex() held. */
+void erase_compiled(const std::vector<std::uintptr_t>& ids);
+
+/**
+ * For engine destructors: erase `ids` now if core_mutex() is free, else defer them to the next
+ * core run (a destructor must not wait for a thread tracing a model, which may be waiting for the
+ * GIL that the destructor's caller holds).
+ */
+void release_compiled(const std::vector<std::uintptr_t>& ids);
+
+/** Erase the ids deferred by release_compiled; call with core_mutex() held, before compiling. */
+void drain_released();
+
 /** The model as a pure function of its flattened parameters and an input batch -> logits (N, C). */
 using ForwardFn = std::function<mx::array(const std::vector<mx::array>&, const mx::array&)>;
 

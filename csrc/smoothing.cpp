@@ -1,5 +1,7 @@
 #include "smoothing.h"
 
+#include "attack.h"
+
 #include <algorithm>
 #include <cmath>
 #include <deque>
@@ -158,11 +160,11 @@ std::vector<int> chunk_rows(int64_t n, int batch_size) {
 }
 
 SmoothingEngine::~SmoothingEngine() {
-  clear();
+  release_compiled({id()});
 }
 
 void SmoothingEngine::clear() {
-  mx::detail::compile_erase(mx::detail::compile_cache(), id());
+  erase_compiled({id()});
 }
 
 mx::array SmoothingEngine::vote_counts(
@@ -194,6 +196,8 @@ mx::array SmoothingEngine::vote_counts(
     throw std::invalid_argument("[certify] num_classes must be >= 2, got " + std::to_string(cfg.num_classes));
   }
 
+  std::lock_guard<std::mutex> serial(core_mutex());  // the GIL is released by the binding
+  drain_released();
   const auto rows = chunk_rows(cfg.n, cfg.batch_size);
   const int chunks = static_cast<int>(rows.size());
   const auto dtype = x.dtype();

@@ -14,27 +14,6 @@ namespace mlx_robust {
 
 namespace {
 
-// Compiled-function ids of engines that died while another thread held core_mutex(); erased by
-// the next run() (a destructor must not wait for that thread, which may be waiting for the GIL).
-std::mutex pending_mutex;
-std::vector<std::uintptr_t> pending_erase;
-
-void erase_ids(const std::vector<std::uintptr_t>& ids) {
-  auto cache = mx::detail::compile_cache();
-  for (auto id : ids) {
-    mx::detail::compile_erase(cache, id);
-  }
-}
-
-void drain_pending() {
-  std::vector<std::uintptr_t> ids;
-  {
-    std::lock_guard<std::mutex> lock(pending_mutex);
-    ids.swap(pending_erase);
-  }
-  erase_ids(ids);
-}
-
 mx::array u32(uint32_t v) {
   return mx::array(v, mx::uint32);
 }
@@ -425,18 +404,11 @@ mx::array square_draws(const mx::array& ids, const mx::array& key, int m) {
 }
 
 SquareEngine::~SquareEngine() {
-  std::unique_lock<std::mutex> serial(core_mutex(), std::try_to_lock);
-  if (serial.owns_lock()) {
-    erase_ids({init_id(), step_id()});
-  } else {
-    std::lock_guard<std::mutex> lock(pending_mutex);
-    pending_erase.push_back(init_id());
-    pending_erase.push_back(step_id());
-  }
+  release_compiled({init_id(), step_id()});
 }
 
 void SquareEngine::clear() {
-  erase_ids({init_id(), step_id()});
+  erase_compiled({init_id(), step_id()});
   std::lock_guard<std::mutex> lock(mutex_);
   unroll_by_shape_.clear();
 }
@@ -495,7 +467,7 @@ SquareOutput SquareEngine::run(
   }
 
   std::lock_guard<std::mutex> serial(core_mutex());
-  drain_pending();
+  drain_released();
   auto x0 = mx::astype(x0_in, mx::float32);
   auto y = mx::astype(y_in, mx::int32);
   auto eps = mx::astype(eps_in, mx::float32);

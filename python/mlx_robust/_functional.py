@@ -139,38 +139,29 @@ class ModelFunction:
         ``probs`` (N, C): clean probabilities, needed by ``loss="kl"`` (TRADES' inner attack).
         ``training`` is the mode the model runs in during the attack (eval by default).
         """
-        names, params = self.flat_parameters()
-        forward = self._forward(names, params)
-        with preserved(self.model, training=training):
-            try:
-                return self.engine.run(
-                    forward,
-                    params,
-                    x,
-                    y,
-                    eps,
-                    step_size,
-                    mx.array(bounds[0], mx.float32),
-                    mx.array(bounds[1], mx.float32),
-                    num_classes=num_classes,
-                    norm=norm,
-                    loss=loss,
-                    steps=steps,
-                    restarts=restarts,
-                    random_start=random_start,
-                    targeted=targeted,
-                    track_best=track_best,
-                    early_stop=early_stop,
-                    unroll=unroll,
-                    stochastic=self.stochastic,
-                    eot_samples=eot_samples,
-                    key=key,
-                    probs=probs,
-                )
-            except Exception:
-                # The engine dropped its compiled entries; make the next call start clean too.
-                self.engine.clear()
-                raise
+        return self._run_engine(
+            self.engine,
+            x,
+            y,
+            eps,
+            step_size,
+            mx.array(bounds[0], mx.float32),
+            mx.array(bounds[1], mx.float32),
+            training=training,
+            num_classes=num_classes,
+            norm=norm,
+            loss=loss,
+            steps=steps,
+            restarts=restarts,
+            random_start=random_start,
+            targeted=targeted,
+            track_best=track_best,
+            early_stop=early_stop,
+            unroll=unroll,
+            eot_samples=eot_samples,
+            key=key,
+            probs=probs,
+        )
 
     # --- attack suite: APGD and Carlini-Wagner engines, created on first use ---------------
 
@@ -210,15 +201,22 @@ class ModelFunction:
             if engine is not None:
                 engine.clear()
 
-    def _run_suite(self, engine, *args, **kwargs) -> tuple[mx.array, mx.array, mx.array, mx.array, mx.array]:
+    def _run_engine(self, engine, *args, training: bool = False, **kwargs) -> tuple:
+        """``engine.run(forward, params, *args, **kwargs)`` with the model restored afterwards.
+
+        The model runs in ``training`` mode (eval by default); on any error the engine drops its
+        compiled entries so that the next call traces afresh.
+        """
         names, params = self.flat_parameters()
         forward = self._forward(names, params)
-        with preserved(self.model, training=False):
+        with preserved(self.model, training=training):
             try:
                 return engine.run(forward, params, *args, stochastic=self.stochastic, **kwargs)
             except Exception:
                 engine.clear()
                 raise
+
+    _run_suite = _run_engine
 
     def run_apgd(
         self,
@@ -447,33 +445,24 @@ def run_square(
     ``x`` is NHWC. A random defence of ``fn`` gets one draw per query (no EOT: a black-box
     attacker sees one answer per query). The model runs in ``training`` mode (eval by default).
     """
-    names, params = fn.flat_parameters()
-    forward = fn._forward(names, params)
-    engine = square_engine(fn)
-    with preserved(fn.model, training=training):
-        try:
-            return engine.run(
-                forward,
-                params,
-                x,
-                y,
-                eps,
-                mx.array(bounds[0], mx.float32),
-                mx.array(bounds[1], mx.float32),
-                num_classes=num_classes,
-                norm=norm,
-                loss=loss,
-                n_queries=n_queries,
-                p_init=p_init,
-                targeted=targeted,
-                early_stop=early_stop,
-                unroll=unroll,
-                stochastic=fn.stochastic,
-                key=key,
-            )
-        except Exception:
-            engine.clear()
-            raise
+    return fn._run_engine(
+        fn.square_engine,
+        x,
+        y,
+        eps,
+        mx.array(bounds[0], mx.float32),
+        mx.array(bounds[1], mx.float32),
+        training=training,
+        num_classes=num_classes,
+        norm=norm,
+        loss=loss,
+        n_queries=n_queries,
+        p_init=p_init,
+        targeted=targeted,
+        early_stop=early_stop,
+        unroll=unroll,
+        key=key,
+    )
 
 
 def square_schedule(n_queries: int, p_init: float, shape: Sequence[int], norm: str) -> list[int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import textwrap
 
 import numpy as np
@@ -53,9 +54,15 @@ def test_evaluate_bad_model_or_weights(user_files, capsys, args, match):
     assert match in capsys.readouterr().err
 
 
-def test_demo_runs(tmp_path, capsys):
-    rc = main(["demo", "--epochs", "2", "--eps", "0", "0.1", "--out", str(tmp_path / "demo")])
+@pytest.mark.parametrize("with_matplotlib", [True, False])
+def test_demo_runs(tmp_path, capsys, monkeypatch, with_matplotlib):
+    if not with_matplotlib:  # the README's demo command installs no plotting library
+        monkeypatch.setitem(sys.modules, "matplotlib", None)
+    rc = main(["demo", "--epochs", "2", "--at-epochs", "1", "--eps", "0", "0.1", "--out", str(tmp_path / "demo")])
     assert rc == 0
     out = capsys.readouterr().out
     assert "clean test accuracy" in out and "worst case (ensemble)" in out
-    assert (tmp_path / "demo" / "robust_accuracy.png").exists()
+    assert "PGD-AT" in out and "certified L2 accuracy" in out
+    assert (tmp_path / "demo" / "report.json").exists()
+    assert (tmp_path / "demo" / "robust_accuracy.png").exists() == with_matplotlib
+    assert (tmp_path / "demo" / "certified_accuracy.png").exists() == with_matplotlib

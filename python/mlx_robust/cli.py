@@ -44,6 +44,14 @@ def load_model(spec: str, weights: Optional[str] = None) -> nn.Module:
     return model
 
 
+def _have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _write_report(report, out: Optional[str]) -> None:
     print(report.to_markdown())
     if not out:
@@ -113,8 +121,10 @@ def demo(args: argparse.Namespace) -> int:
           "judged by PGD-20:")
     print(adversarial_training_demo(x_train, y_train, x_test, y_test, eps=DEMO_AT_EPS, steps=20,
                                     epochs=args.at_epochs, seed=args.seed))
-    plot = os.path.join(args.out, "certified_accuracy.png") if args.out else None
+    plot = os.path.join(args.out, "certified_accuracy.png") if args.out and _have_matplotlib() else None
     print("\n" + certified_demo_line(model, x_test, y_test, seed=args.seed, plot=plot))
+    if plot:
+        print(f"wrote {plot}")
     return 0
 
 

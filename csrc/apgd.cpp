@@ -12,9 +12,6 @@ namespace mlx_robust {
 
 namespace suite {
 
-int unroll_for_step_ms(double ms) {
-  return ms < 2.0 ? 10 : (ms < 6.0 ? 4 : 1);
-}
 
 int next_pow2(int n) {
   int p = 1;
@@ -371,14 +368,11 @@ ApgdEngine::~ApgdEngine() {
 
 void ApgdEngine::clear() {
   suite::erase_ids(ids());
-  std::lock_guard<std::mutex> lock(mutex_);
-  unroll_by_shape_.clear();
+  unrolls_.clear();
 }
 
 int ApgdEngine::chosen_unroll(const mx::Shape& shape) const {
-  std::lock_guard<std::mutex> lock(mutex_);
-  auto it = unroll_by_shape_.find(std::vector<int>(shape.begin(), shape.end()));
-  return it == unroll_by_shape_.end() ? 0 : it->second;
+  return unrolls_.get(shape);
 }
 
 AttackOutput ApgdEngine::run(
@@ -601,9 +595,7 @@ AttackOutput ApgdEngine::run(
           mx::eval(state);
           double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
           done = 2;
-          unroll = suite::unroll_for_step_ms(ms);
-          std::lock_guard<std::mutex> lock(mutex_);
-          unroll_by_shape_[std::vector<int>(x0.shape().begin(), x0.shape().end())] = unroll;
+          unroll = unrolls_.choose(x0.shape(), ms);
         } else {
           unroll = 1;
         }

@@ -58,8 +58,6 @@ inline void release_ids(const std::vector<std::uintptr_t>& ids) { release_compil
 inline void drain_pending() { drain_released(); }
 inline void erase_ids(const std::vector<std::uintptr_t>& ids) { erase_compiled(ids); }
 
-/** Steps per compiled call for a measured step time (ARCHITECTURE §2: unroll host-bound steps). */
-int unroll_for_step_ms(double ms);
 
 /** Smallest power of two >= n. */
 int next_pow2(int n);
@@ -180,8 +178,7 @@ class ApgdEngine {
   }
 
   std::atomic<int> traces_{0};
-  mutable std::mutex mutex_;
-  std::map<std::vector<int>, int> unroll_by_shape_;
+  UnrollCache unrolls_;
 };
 
 } // namespace mlx_robust

@@ -21,6 +21,24 @@ std::mutex released_mutex;
 std::vector<std::uintptr_t> released_ids;
 } // namespace
 
+int UnrollCache::get(const mx::Shape& shape) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = by_shape_.find(std::vector<int>(shape.begin(), shape.end()));
+  return it == by_shape_.end() ? 0 : it->second;
+}
+
+int UnrollCache::choose(const mx::Shape& shape, double step_ms) {
+  int k = step_ms < 2.0 ? 10 : (step_ms < 6.0 ? 4 : 1);
+  std::lock_guard<std::mutex> lock(mutex_);
+  by_shape_[std::vector<int>(shape.begin(), shape.end())] = k;
+  return k;
+}
+
+void UnrollCache::clear() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  by_shape_.clear();
+}
+
 void erase_compiled(const std::vector<std::uintptr_t>& ids) {
   auto cache = mx::detail::compile_cache();
   for (auto id : ids) {
@@ -272,14 +290,11 @@ AttackEngine::~AttackEngine() {
 
 void AttackEngine::clear() {
   erase_compiled({step_id(), eval_id()});
-  std::lock_guard<std::mutex> lock(mutex_);
-  unroll_by_shape_.clear();
+  unrolls_.clear();
 }
 
 int AttackEngine::chosen_unroll(const mx::Shape& shape) const {
-  std::lock_guard<std::mutex> lock(mutex_);
-  auto it = unroll_by_shape_.find(std::vector<int>(shape.begin(), shape.end()));
-  return it == unroll_by_shape_.end() ? 0 : it->second;
+  return unrolls_.get(shape);
 }
 
 AttackOutput AttackEngine::run(
@@ -507,9 +522,7 @@ AttackOutput AttackEngine::run(
           mx::eval(state);
           ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
           done = 2;
-          unroll = ms < 2.0 ? 10 : (ms < 6.0 ? 4 : 1);
-          std::lock_guard<std::mutex> lock(mutex_);
-          unroll_by_shape_[std::vector<int>(x0.shape().begin(), x0.shape().end())] = unroll;
+          unroll = unrolls_.choose(x0.shape(), ms);
         } else {
           unroll = 1;
         }

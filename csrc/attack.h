@@ -34,6 +34,24 @@ void release_compiled(const std::vector<std::uintptr_t>& ids);
 /** Erase the ids deferred by release_compiled; call with core_mutex() held, before compiling. */
 void drain_released();
 
+/**
+ * Steps per compiled call, chosen once per input shape from the measured time of one compiled
+ * step (thread-safe). Deep unrolling only where steps are cheap (host-bound), since unrolling slows
+ * compute-bound models (ARCHITECTURE §2). Every engine keeps one.
+ */
+class UnrollCache {
+ public:
+  /** The depth chosen for `shape`, or 0 if none yet. */
+  int get(const mx::Shape& shape) const;
+  /** Choose (and remember) the depth for `shape` from one step's wall time in milliseconds. */
+  int choose(const mx::Shape& shape, double step_ms);
+  void clear();
+
+ private:
+  mutable std::mutex mutex_;
+  std::map<std::vector<int>, int> by_shape_;
+};
+
 /** The model as a pure function of its flattened parameters and an input batch -> logits (N, C). */
 using ForwardFn = std::function<mx::array(const std::vector<mx::array>&, const mx::array&)>;
 
@@ -162,8 +180,7 @@ class AttackEngine {
   }
 
   std::atomic<int> traces_{0};
-  mutable std::mutex mutex_;
-  std::map<std::vector<int>, int> unroll_by_shape_;
+  UnrollCache unrolls_;
 };
 
 } // namespace mlx_robust

@@ -144,14 +144,11 @@ CwEngine::~CwEngine() {
 
 void CwEngine::clear() {
   suite::erase_ids(ids());
-  std::lock_guard<std::mutex> lock(mutex_);
-  unroll_by_shape_.clear();
+  unrolls_.clear();
 }
 
 int CwEngine::chosen_unroll(const mx::Shape& shape) const {
-  std::lock_guard<std::mutex> lock(mutex_);
-  auto it = unroll_by_shape_.find(std::vector<int>(shape.begin(), shape.end()));
-  return it == unroll_by_shape_.end() ? 0 : it->second;
+  return unrolls_.get(shape);
 }
 
 AttackOutput CwEngine::run(
@@ -282,9 +279,7 @@ AttackOutput CwEngine::run(
           mx::eval(state);
           double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
           done = 2;
-          unroll = suite::unroll_for_step_ms(ms);
-          std::lock_guard<std::mutex> lock(mutex_);
-          unroll_by_shape_[std::vector<int>(x0.shape().begin(), x0.shape().end())] = unroll;
+          unroll = unrolls_.choose(x0.shape(), ms);
         } else {
           unroll = 1;
         }

@@ -88,8 +88,7 @@ class CwEngine {
   }
 
   std::atomic<int> traces_{0};
-  mutable std::mutex mutex_;
-  std::map<std::vector<int>, int> unroll_by_shape_;
+  UnrollCache unrolls_;
 };
 
 } // namespace mlx_robust

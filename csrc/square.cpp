@@ -409,14 +409,11 @@ SquareEngine::~SquareEngine() {
 
 void SquareEngine::clear() {
   erase_compiled({init_id(), step_id()});
-  std::lock_guard<std::mutex> lock(mutex_);
-  unroll_by_shape_.clear();
+  unrolls_.clear();
 }
 
 int SquareEngine::chosen_unroll(const mx::Shape& shape) const {
-  std::lock_guard<std::mutex> lock(mutex_);
-  auto it = unroll_by_shape_.find(std::vector<int>(shape.begin(), shape.end()));
-  return it == unroll_by_shape_.end() ? 0 : it->second;
+  return unrolls_.get(shape);
 }
 
 SquareOutput SquareEngine::run(
@@ -537,9 +534,7 @@ SquareOutput SquareEngine::run(
       auto t0 = std::chrono::steady_clock::now();
       mx::eval(init(init_in));
       double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / 2;
-      unroll = ms < 2.0 ? 10 : (ms < 6.0 ? 4 : 1);
-      std::lock_guard<std::mutex> lock(mutex_);
-      unroll_by_shape_[std::vector<int>(x0.shape().begin(), x0.shape().end())] = unroll;
+      unroll = unrolls_.choose(x0.shape(), ms);
     }
     const int k = std::min(unroll, std::max(iters, 1));
     auto step = make_step(k);

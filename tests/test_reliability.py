@@ -132,3 +132,17 @@ def test_short_leak_run_over_attacks_and_certifications():
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
     assert "attack" in proc.stdout and "certify" in proc.stdout
+
+
+def test_accuracy_helper_restores_each_modules_own_mode(mlp, digits):
+    from conftest import assert_unchanged, snapshot
+
+    from mlx_robust.training import accuracy
+
+    mlp.train()
+    mlp.layers[0].eval()  # a mixed state that model.train(flag) would flatten
+    snap = snapshot(mlp)
+    acc = accuracy(mlp, digits[2][:50], digits[3][:50])
+    assert 0.5 < acc <= 1.0
+    assert_unchanged(mlp, snap)
+    mlp.eval()

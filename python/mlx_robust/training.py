@@ -12,16 +12,15 @@ import numpy as np
 
 
 def accuracy(model: nn.Module, x: mx.array, y: mx.array, batch_size: int = 512) -> float:
-    """Clean accuracy of ``model`` on (x, y), evaluated in eval mode; the mode is restored."""
-    was_training = model.training
-    model.eval()
-    try:
-        correct = 0
+    """Clean accuracy of ``model`` on (x, y), evaluated in eval mode; every module's own mode is
+    restored afterwards (``model.train(flag)`` would overwrite submodules set differently)."""
+    from mlx_robust._functional import preserved
+
+    correct = 0
+    with preserved(model, training=False):
         for s in range(0, x.shape[0], batch_size):
             pred = mx.argmax(model(x[s : s + batch_size]), axis=-1)
             correct += int(mx.sum(pred == y[s : s + batch_size]).item())
-    finally:
-        model.train(was_training)
     return correct / x.shape[0]
 
 

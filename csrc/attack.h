@@ -105,8 +105,9 @@ struct AttackConfig {
   int restarts = 1;
   bool random_start = true;
   bool targeted = false;
-  /** Keep, per sample, the first successful iterate, else the highest-objective one.
-      false: return the last iterate (adversarial training). */
+  /** Keep, per sample, the first successful iterate of a restart, else its last iterate; across
+      restarts, the first success, else the highest objective. false: the last iterate of the
+      last restart (adversarial training). */
   bool track_best = true;
   /** Drop succeeded samples from the active batch (requires track_best; results unchanged). */
   bool early_stop = false;

@@ -70,7 +70,8 @@ class Linear2(nn.Module):
 
 
 @pytest.mark.parametrize("which", ["mlp", "cnn"])
-@pytest.mark.parametrize("n,batch_size", [(1000, 1000), (250, 100), (7, 64)])
+# (1100, 100): 11 chunks, run as a group of 8 in one compiled call and 3 single chunks.
+@pytest.mark.parametrize("n,batch_size", [(1000, 1000), (250, 100), (7, 64), (1100, 100)])
 def test_vote_counts_equal_reference(request, batch, which, n, batch_size):
     model = request.getfixturevalue(which)
     x = batch[0][:4]

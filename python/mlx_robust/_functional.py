@@ -42,23 +42,33 @@ def _module_modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
 
 
 @contextmanager
-def preserved(model: nn.Module, training: Optional[bool] = None) -> Iterator[None]:
+def preserved(
+    model: nn.Module,
+    training: Optional[bool] = None,
+    params: Optional[list[tuple[str, mx.array]]] = None,
+) -> Iterator[None]:
     """Run a block with the model's parameters and per-module train/eval flags restored after.
 
     ``training`` (if not None) sets the mode for the block. Restores also when the block raises,
-    including when MLX left placeholder arrays in the module after a failed trace.
+    including when MLX left placeholder arrays in the module after a failed trace. ``params``:
+    the model's ``tree_flatten(model.parameters())`` if the caller already has it.
     """
-    params = tree_flatten(model.parameters())
+    params = tree_flatten(model.parameters()) if params is None else params
     modes = _module_modes(model)
+    switch = training is not None and any(mode != training for _, mode in modes)
     try:
-        if training is not None:
+        if switch:
             model.train(training)
         yield
     finally:
-        model.update(tree_unflatten(params))
-        for module, mode in modes:
-            # Module.train() sets every submodule; restore each one's own flag.
-            module._training = mode
+        # Put back every parameter the block replaced (compare identities: cheaper than update()).
+        now = tree_flatten(model.parameters())
+        if len(now) != len(params) or any(a is not b or k != j for (k, a), (j, b) in zip(now, params)):
+            model.update(tree_unflatten(params))
+        if switch:
+            for module, mode in modes:
+                # Module.train() sets every submodule; restore each one's own flag.
+                module._training = mode
 
 
 class ModelFunction:
@@ -207,9 +217,10 @@ class ModelFunction:
         The model runs in ``training`` mode (eval by default); on any error the engine drops its
         compiled entries so that the next call traces afresh.
         """
-        names, params = self.flat_parameters()
+        flat = tree_flatten(self.model.parameters())
+        names, params = [k for k, _ in flat], [v for _, v in flat]
         forward = self._forward(names, params)
-        with preserved(self.model, training=training):
+        with preserved(self.model, training=training, params=flat):
             try:
                 return engine.run(forward, params, *args, stochastic=self.stochastic, **kwargs)
             except Exception:

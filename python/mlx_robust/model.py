@@ -282,7 +282,9 @@ class RobustModel:
 
 
 def _check_finite_logits(logits: mx.array) -> None:
-    bad = np.flatnonzero(~np.array(mx.all(mx.isfinite(logits), axis=-1)))
+    # On the host: the logits are already evaluated, so this costs a copy, not a device round trip.
+    host = np.array(logits if logits.dtype == mx.float32 else logits.astype(mx.float32))
+    bad = np.flatnonzero(~np.isfinite(host).all(axis=-1))
     if bad.size:
         raise ValueError(
             f"the model returned NaN/Inf logits for {bad.size} sample(s); first offending samples: "

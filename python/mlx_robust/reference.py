@@ -1,7 +1,7 @@
 """Plain-MLX reference of the attack loop: the oracle the C++ core is tested against.
 
-Same semantics as ``csrc/attack.cpp`` (random start, steps, best-so-far, restarts) written as the
-obvious Python loop with ``mx.value_and_grad``; no compilation, no early stop, no C++.
+Same semantics as ``csrc/attack.cpp`` (random start, steps, first success within a restart, best
+over restarts) written as the obvious Python loop with ``mx.value_and_grad``; no compilation, no early stop, no C++.
 """
 
 from __future__ import annotations
@@ -127,6 +127,23 @@ def pgd_reference(
         obj, succ, logits = score(x)
         return mx.sum(obj), (obj, succ, logits)
 
+    def first_success(best, cand):
+        # Within a restart: each sample's first successful iterate (x, logits).
+        bx, bl, bs, bz = best
+        cx, _, cs, cz = cand
+        take = mx.logical_and(mx.logical_not(bs), cs)
+        return (mx.where(_per_sample(take, x0.ndim), cx, bx), bl, mx.logical_or(bs, cs),
+                mx.where(take[:, None], cz, bz))
+
+    def finish_restart(best, last):
+        # Samples that succeeded at some step keep that iterate (objective at its logits); the
+        # others take the last iterate.
+        bx, _, bs, bz = best
+        lx, ll, ls, lz = last
+        return (mx.where(_per_sample(bs, x0.ndim), bx, lx),
+                mx.where(bs, objective(bz, y, loss, targeted, probs), ll),
+                mx.logical_or(bs, ls), mx.where(bs[:, None], bz, lz))
+
     grad_fn = mx.value_and_grad(lambda x: total(x)[0])
     keys = mx.random.split(key, restarts)
     noise_keys = mx.random.split(mx.random.split(key)[1], restarts)
@@ -140,12 +157,17 @@ def pgd_reference(
             obj, succ, logits = score(x)
             _, g = grad_fn(x)
             cand = (x, obj, succ, logits)
-            best = keep(best, cand) if (track_best and best[3] is not None) else cand
+            if not track_best:
+                best = cand
+            else:
+                if best[3] is None:
+                    best = (x, best[1], best[2], mx.zeros_like(logits))
+                best = first_success(best, cand)
             x = project(ascent_step(x, g, step_size, norm), x0, eps, lo, hi, norm)
         step_key = step_keys[steps]
         obj, succ, logits = score(x)
         cand = (x, obj, succ, logits)
-        best = keep(best, cand) if track_best else cand
+        best = finish_restart(best, cand) if track_best else cand
         full = best if full is None or not track_best else keep(full, best)
     mx.eval(full)
     return full[0], full[2], full[1], full[3]

@@ -2,7 +2,8 @@
 
 Both are configurations of one loop (``csrc/attack.h``): optional random start, ``steps`` ascent
 steps on a per-sample objective, projection onto the eps-ball and the input bounds, restarts, and
-per sample the strongest example found (first success, else highest loss).
+per sample the strongest example found: within a restart the first successful iterate, else the
+last iterate (as in Madry et al.); over restarts the first success, else the highest loss.
 """
 
 from __future__ import annotations

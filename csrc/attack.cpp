@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <limits>
 #include <optional>
 #include <sstream>
@@ -17,6 +19,31 @@ std::mutex& core_mutex() {
 }
 
 namespace {
+
+// MLX_ROBUST_PROFILE=1: print the wall time of each phase of AttackEngine::run to stderr (where a
+// call's fixed cost goes; benchmarks/gpu/profile_attack.py --phases).
+class PhaseTimer {
+ public:
+  PhaseTimer() : on_(enabled()), last_(std::chrono::steady_clock::now()) {}
+  void mark(const char* phase) {
+    if (!on_) {
+      return;
+    }
+    auto now = std::chrono::steady_clock::now();
+    std::fprintf(stderr, "[mlx-robust] %-8s %9.1f us\n", phase,
+                 std::chrono::duration<double, std::micro>(now - last_).count());
+    last_ = now;
+  }
+
+ private:
+  static bool enabled() {
+    const char* v = std::getenv("MLX_ROBUST_PROFILE");
+    return v != nullptr && v[0] != '\0' && v[0] != '0';
+  }
+  bool on_;
+  std::chrono::steady_clock::time_point last_;
+};
+
 std::mutex released_mutex;
 std::vector<std::uintptr_t> released_ids;
 } // namespace
@@ -347,6 +374,7 @@ AttackOutput AttackEngine::run(
     const AttackConfig& cfg,
     const mx::array& key,
     const std::optional<mx::array>& probs_in) {
+  PhaseTimer timer;
   // Argument checks: the Python layer checks first, but this layer never trusts its caller.
   if (x0_in.ndim() < 2 || x0_in.shape(0) < 1) {
     throw std::invalid_argument("[attack] x must be a non-empty batch of rank >= 2");
@@ -439,6 +467,7 @@ AttackOutput AttackEngine::run(
   }
   bool measure = unroll == 0;  // first call for this shape: time one step, then choose
 
+  timer.mark("setup");
   bool merged = false;  // has `full` received a working batch yet?
   try {
     for (int r = 0; r < cfg.restarts; ++r) {
@@ -609,8 +638,10 @@ AttackOutput AttackEngine::run(
           }
         }
       }
+      timer.mark("steps");
       state = finish(inputs_of(state));
       flush(true);
+      timer.mark("finish");
       if (r + 1 < cfg.restarts) {
         // The next restart reads full.success only with early stop (and evaluates it then).
         mx::async_eval({full.x, full.loss, full.success, full.logits});
@@ -626,6 +657,7 @@ AttackOutput AttackEngine::run(
   auto norms = batch_norm_of(mx::subtract(full.x, x0), cfg.norm);
   auto x_adv = mx::astype(full.x, x0_in.dtype());
   mx::eval({x_adv, norms, full.success, full.loss, full.logits, label_range});
+  timer.mark("eval");
   auto r = label_range.data<int64_t>();
   if (r[0] < 0 || r[1] >= num_classes) {
     throw std::invalid_argument(

@@ -344,7 +344,7 @@ def test_calling_inside_mx_compile_raises_a_clear_error(batch, method):
 
 
 @pytest.mark.parametrize("method", ["pgd-at", "trades", "mart", "mix"])
-def test_compiled_step_with_perturb_outside_matches_eager(digits, method):
+def test_compiled_step_with_perturb_outside_matches_eager(bitwise_device, digits, method):
     x, y = digits[0][:64], digits[1][:64]
     results = []
     for compiled in (False, True):

@@ -147,7 +147,7 @@ def test_cw_confidence_kappa_is_reached(mlp, batch):
      mr.APGDT(eps=0.1, steps=5, n_target_classes=2, unroll=1), mr.CW(c=1.0, steps=12, binary_search_steps=2, unroll=1)],
     ids=["apgd", "apgdt", "cw"],
 )
-def test_batch_equals_per_sample_with_same_key(mlp, batch, attack):
+def test_batch_equals_per_sample_with_same_key(bitwise_device, mlp, batch, attack):
     x, y = batch
     robust = _robust(mlp)
     whole = robust.attack(x[:6], y[:6], attack, key=mr.key(5))

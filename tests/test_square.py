@@ -108,7 +108,7 @@ def test_targeted_success_means_target(mlp, batch):
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
-def test_batch_equals_per_sample_with_same_key(mlp, batch, norm):
+def test_batch_equals_per_sample_with_same_key(bitwise_device, mlp, batch, norm):
     x, y = batch
     x, y = x[:6], y[:6]
     robust = _robust(mlp)

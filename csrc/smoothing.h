@@ -42,9 +42,9 @@ struct VoteConfig {
  *
  * so the counts of an input depend only on its key, n, sigma and batch_size — never on which other
  * inputs share the call (nor on how chunks are grouped). Keys and sigma are inputs of the compiled
- * function, as are the parameters (never captured constants). Full chunks run up to 8 per compiled
- * call (at most 4096 noisy rows per call, each chunk its own model batch); calls are queued with
- * async_eval, two in flight at most.
+ * function, as are the parameters (never captured constants). Without `overlap`, full chunks run
+ * up to 8 per compiled call (at most 4096 noisy rows per call, each chunk its own model batch);
+ * calls are queued with async_eval, two in flight at most.
  */
 class SmoothingEngine {
  public:

@@ -133,7 +133,6 @@ def run_mlx(args) -> None:
                 print(json.dumps({"framework": "mlx", "model": kind, "batch": batch, "steps": steps,
                                   "fwd_bwd": fb, "attack": t,
                                   "unroll": robust._fn.chosen_unroll((batch, *SHAPES[kind]))}), flush=True)
-            del robust, model
             mx.clear_cache()
 
 
@@ -238,7 +237,6 @@ def run_torch(args) -> None:
                 t = median_time(attack, args.reps)
                 print(json.dumps({"framework": "torch", "model": kind, "batch": batch, "steps": steps,
                                   "fwd_bwd": fb, "attack": t}), flush=True)
-            del model
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
 

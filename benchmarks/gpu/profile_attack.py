@@ -23,7 +23,6 @@ from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_attack import backend_description, loss_fn, make_model, naive_pgd, timeit  # noqa: E402

@@ -106,21 +106,14 @@ def main() -> None:
         atk = mr.PGD(eps=eps, steps=steps, step_size=alpha, random_start=False, early_stop=False, unroll=k)
         rows[f"library-u{k}"] = timeit(lambda: mx.eval(robust.attack(x, y, atk, key=mr.key(0)).x_adv), args.reps)
 
-        def core(k=k):
+        def core(k=k, track_best=True):
             out = fn.run_attack(x, y, eps_a, alpha_a, (0.0, 1.0), num_classes=10, norm="linf", loss="ce",
-                                steps=steps, restarts=1, random_start=False, targeted=False, track_best=True,
+                                steps=steps, restarts=1, random_start=False, targeted=False, track_best=track_best,
                                 early_stop=False, unroll=k, key=mr.key(0), eot_samples=1, probs=None)
             mx.eval(out[0])
 
         rows[f"core-u{k}"] = timeit(core, args.reps)
-
-        def core_nobest(k=k):
-            out = fn.run_attack(x, y, eps_a, alpha_a, (0.0, 1.0), num_classes=10, norm="linf", loss="ce",
-                                steps=steps, restarts=1, random_start=False, targeted=False, track_best=False,
-                                early_stop=False, unroll=k, key=mr.key(0), eot_samples=1, probs=None)
-            mx.eval(out[0])
-
-        rows[f"core-nobest-u{k}"] = timeit(core_nobest, args.reps)
+        rows[f"core-nobest-u{k}"] = timeit(lambda k=k: core(k, track_best=False), args.reps)
 
     # Fixed per-call costs of the Python layer.
     rows["validate"] = timeit(lambda: mx.eval(robust.validate(x)[0]), args.reps)

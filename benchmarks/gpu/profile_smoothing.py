@@ -18,25 +18,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import mlx.core as mx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_attack import backend_description, make_model  # noqa: E402
+from bench_attack import backend_description, make_model, timeit as best_of  # noqa: E402
 
 import mlx_robust as mr  # noqa: E402
-
-
-def best_of(fn, reps: int) -> float:
-    fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return sorted(ts)[len(ts) // 2]
 
 
 def main() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
@@ -195,6 +197,23 @@ def test_early_stop_gives_same_result(cnn, digits, restarts):
 
 
 # --- the compiled loop's contracts -------------------------------------------------------------
+
+
+def test_profile_env_prints_phase_times():
+    # MLX_ROBUST_PROFILE=1: the core reports where a call's time goes (setup, steps, finish, eval).
+    import subprocess
+    import sys
+
+    code = ("import mlx.core as mx, mlx_robust as mr\n"
+            "m = mr.models.MLP(16, hidden=(8,), num_classes=4)\n"
+            "r = mr.RobustModel(m, input_shape=(4, 4, 1), num_classes=4)\n"
+            "r.attack(mx.random.uniform(shape=(3, 4, 4, 1)), mx.array([0, 1, 2]), mr.PGD(eps=0.1, steps=3))\n")
+    for env, expect in (({"MLX_ROBUST_PROFILE": "1"}, True), ({"MLX_ROBUST_PROFILE": "0"}, False)):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, **env})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        phases = [ln.split()[1] for ln in proc.stderr.splitlines() if ln.startswith("[mlx-robust]")]
+        assert phases == (["setup", "steps", "finish", "eval"] if expect else []), proc.stderr[-2000:]
 
 
 def test_trace_count_constant_across_calls(mlp, batch):

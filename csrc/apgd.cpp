@@ -1,7 +1,6 @@
 #include "apgd.h"
 
 #include <algorithm>
-#include <chrono>
 #include <limits>
 #include <sstream>
 #include <stdexcept>
@@ -585,20 +584,11 @@ AttackOutput ApgdEngine::run(
       };
 
       if (measure) {
-        // One step to trace and compile, one timed step (ARCHITECTURE §2).
-        run_chunk(1);
-        mx::eval(state);
-        done = 1;
-        if (done < cfg.steps) {
-          auto t0 = std::chrono::steady_clock::now();
+        // One step traces and compiles, a second is timed (ARCHITECTURE §2).
+        unroll = unrolls_.measure(x0.shape(), cfg.steps, done, [&] {
           run_chunk(1);
           mx::eval(state);
-          double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-          done = 2;
-          unroll = unrolls_.choose(x0.shape(), ms);
-        } else {
-          unroll = 1;
-        }
+        });
         measure = false;
       }
 

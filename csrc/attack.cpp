@@ -61,6 +61,18 @@ int UnrollCache::choose(const mx::Shape& shape, double step_ms) {
   return k;
 }
 
+int UnrollCache::measure(const mx::Shape& shape, int steps, int& done, const std::function<void()>& run_step) {
+  run_step();
+  done = 1;
+  if (done >= steps) {
+    return 1;
+  }
+  auto t0 = std::chrono::steady_clock::now();
+  run_step();
+  done = 2;
+  return choose(shape, std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+}
+
 void UnrollCache::clear() {
   std::lock_guard<std::mutex> lock(mutex_);
   by_shape_.clear();
@@ -589,26 +601,14 @@ AttackOutput AttackEngine::run(
       };
 
       if (measure) {
-        // One step to trace and compile, one timed step; unroll deep only where steps are cheap
-        // (host-bound), since unrolling slows compute-bound models (ARCHITECTURE §2).
-        run_chunk(1);
-        mx::eval(state);
-        done = 1;
-        double ms = 1e9;
-        if (done < cfg.steps) {
-          auto t0 = std::chrono::steady_clock::now();
+        // Unroll deep only where steps are cheap (host-bound): unrolling slows compute-bound models.
+        unroll = unrolls_.measure(x0.shape(), cfg.steps, done, [&] {
           run_chunk(1);
           mx::eval(state);
-          ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-          done = 2;
-          unroll = unrolls_.choose(x0.shape(), ms);
-        } else {
-          unroll = 1;
-        }
+        });
         measure = false;
       }
 
-      std::vector<bool> succ_seen;
       while (done < cfg.steps) {
         // Full chunks of `unroll` steps, then single steps: only two step graphs per shape, so a
         // later call with another step count never traces again.

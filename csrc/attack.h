@@ -45,6 +45,12 @@ class UnrollCache {
   int get(const mx::Shape& shape) const;
   /** Choose (and remember) the depth for `shape` from one step's wall time in milliseconds. */
   int choose(const mx::Shape& shape, double step_ms);
+  /**
+   * First call for `shape` of a loop of `steps` steps: run one step (it traces and compiles), then
+   * time a second and choose from it. `run_step` runs and evaluates one step; `done` is set to the
+   * steps run. Returns the depth (1 when the loop has a single step).
+   */
+  int measure(const mx::Shape& shape, int steps, int& done, const std::function<void()>& run_step);
   void clear();
 
  private:

@@ -1,7 +1,6 @@
 #include "cw.h"
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <limits>
 #include <stdexcept>
@@ -270,19 +269,11 @@ AttackOutput CwEngine::run(
         mx::async_eval(state);
       };
       if (measure) {
-        run_chunk(1);
-        mx::eval(state);
-        done = 1;
-        if (done < cfg.steps) {
-          auto t0 = std::chrono::steady_clock::now();
+        // One step traces and compiles, a second is timed (ARCHITECTURE §2).
+        unroll = unrolls_.measure(x0.shape(), cfg.steps, done, [&] {
           run_chunk(1);
           mx::eval(state);
-          double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-          done = 2;
-          unroll = unrolls_.choose(x0.shape(), ms);
-        } else {
-          unroll = 1;
-        }
+        });
         measure = false;
       }
       while (done < cfg.steps) {

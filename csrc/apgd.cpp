@@ -12,14 +12,6 @@ namespace mlx_robust {
 namespace suite {
 
 
-int next_pow2(int n) {
-  int p = 1;
-  while (p < n) {
-    p <<= 1;
-  }
-  return p;
-}
-
 void check_batch(const mx::array& x, const mx::array& y, int num_classes, const char* tag) {
   std::string t(tag);
   if (x.ndim() < 2 || x.shape(0) < 1) {
@@ -34,46 +26,6 @@ void check_batch(const mx::array& x, const mx::array& y, int num_classes, const 
   if (num_classes < 2) {
     throw std::invalid_argument("[" + t + "] num_classes must be >= 2, got " + std::to_string(num_classes));
   }
-}
-
-mx::array checked_logits(
-    const ForwardFn& forward,
-    const std::vector<mx::array>& params,
-    const mx::array& x,
-    int num_classes,
-    const char* tag) {
-  return mlx_robust::checked_logits(forward, params, x, num_classes, tag);
-}
-
-Scored score(
-    const ForwardFn& forward,
-    const std::vector<mx::array>& params,
-    const mx::array& x,
-    int num_classes,
-    bool stochastic,
-    int eot_samples,
-    const mx::array& draw_key,
-    const ObjectiveFn& objective,
-    const char* tag) {
-  auto objective_of = [&](const mx::array& z) {
-    return objective ? objective(z) : mx::zeros({z.shape(0)}, mx::float32);
-  };
-  if (!stochastic) {
-    auto z = checked_logits(forward, params, x, num_classes, tag);
-    return {objective_of(z), z};
-  }
-  auto draws = mx::random::split(draw_key, std::max(eot_samples, 2));
-  std::optional<mx::array> total, logits;
-  for (int e = 0; e < eot_samples; ++e) {
-    std::vector<mx::array> p(params);
-    p.push_back(mx::take(draws, e, 0));  // the trailing parameter of a stochastic forward
-    auto z = checked_logits(forward, p, x, num_classes, tag);
-    auto l = objective_of(z);
-    total = total ? mx::add(*total, l) : l;
-    logits = logits ? mx::add(*logits, z) : z;
-  }
-  auto inv = mx::array(1.0f / eot_samples);
-  return {mx::multiply(*total, inv), mx::multiply(*logits, inv)};
 }
 
 } // namespace suite
@@ -210,7 +162,7 @@ bool toward_target(const ApgdConfig& cfg) {
   return cfg.targeted || cfg.n_target_classes > 0;
 }
 
-suite::ObjectiveFn objective_for(const ApgdConfig& cfg, const mx::array& y, const mx::array& tgt) {
+ObjectiveFn objective_for(const ApgdConfig& cfg, const mx::array& y, const mx::array& tgt) {
   bool toward = toward_target(cfg);
   ApgdLoss loss = cfg.loss;
   return [toward, loss, y, tgt](const mx::array& z) {
@@ -239,10 +191,10 @@ Point evaluate_with_grad(
     const mx::array& y,
     const mx::array& tgt,
     const mx::array& draw_key) {
-  std::optional<suite::Scored> sc;
+  std::optional<Scored> sc;
   auto objective = objective_for(cfg, y, tgt);
   auto fn = [&](const std::vector<mx::array>& xs) -> std::vector<mx::array> {
-    sc = suite::score(forward, params, xs[0], num_classes, cfg.stochastic, cfg.eot_samples, draw_key,
+    sc = score(forward, params, xs[0], num_classes, cfg.stochastic, cfg.eot_samples, draw_key,
                       objective, "apgd");
     return {mx::sum(sc->objective)};
   };
@@ -362,11 +314,11 @@ std::vector<uint8_t> host_flags(const mx::array& a) {
 } // namespace
 
 ApgdEngine::~ApgdEngine() {
-  suite::release_ids(ids());
+  release_compiled(ids());
 }
 
 void ApgdEngine::clear() {
-  suite::erase_ids(ids());
+  erase_compiled(ids());
   unrolls_.clear();
 }
 
@@ -424,7 +376,7 @@ AttackOutput ApgdEngine::run(
   }
 
   std::lock_guard<std::mutex> serial(core_mutex());
-  suite::drain_pending();
+  drain_released();
   auto x0 = mx::astype(x0_in, mx::float32);
   auto y = mx::astype(y_in, mx::int32);
   auto user_target = cfg.targeted ? mx::astype(*target_in, mx::int32) : y;
@@ -447,7 +399,7 @@ AttackOutput ApgdEngine::run(
         traces_++;
         std::vector<mx::array> params(in.begin() + 2, in.end());
         return std::vector<mx::array>{
-            suite::score(forward, params, in[0], num_classes, cfg.stochastic, cfg.eot_samples, in[1],
+            score(forward, params, in[0], num_classes, cfg.stochastic, cfg.eot_samples, in[1],
                          nullptr, "apgd").logits};
       },
       id(0), false, constants(0, 0));
@@ -532,7 +484,7 @@ AttackOutput ApgdEngine::run(
       std::vector<mx::array> fixed;  // x0, y, tgt, eps, lo, hi, keys, ckpt, rho
       int done = 0;
       auto select = [&]() {
-        int size = static_cast<int>(active.size()) == n ? n : std::min(n, suite::next_pow2(active.size()));
+        int size = static_cast<int>(active.size()) == n ? n : std::min(n, next_pow2(active.size()));
         std::vector<int> new_rows(active);
         while (static_cast<int>(new_rows.size()) < size) {
           new_rows.push_back(active[0]);

@@ -19,49 +19,6 @@ namespace mlx_robust {
 
 namespace suite {
 
-/**
- * forward(params, x) checked to be floating logits of shape (N, num_classes), as float32.
- * `tag` names the attack in error messages ("apgd", "cw").
- */
-mx::array checked_logits(
-    const ForwardFn& forward,
-    const std::vector<mx::array>& params,
-    const mx::array& x,
-    int num_classes,
-    const char* tag);
-
-/** Per-sample objective computed from logits (N, C) -> (N,). */
-using ObjectiveFn = std::function<mx::array(const mx::array&)>;
-
-struct Scored {
-  mx::array objective;  // (N,) mean over the draws
-  mx::array logits;     // (N, C) mean over the draws
-};
-
-/**
- * Score x once (deterministic model) or as the mean over `eot_samples` draws of a stochastic
- * model (EOT, Athalye et al. 2018), whose trailing parameter is a key split from `draw_key`.
- */
-Scored score(
-    const ForwardFn& forward,
-    const std::vector<mx::array>& params,
-    const mx::array& x,
-    int num_classes,
-    bool stochastic,
-    int eot_samples,
-    const mx::array& draw_key,
-    const ObjectiveFn& objective,
-    const char* tag);
-
-// The shared compile-cache housekeeping of attack.h, under the names the suite engines use.
-inline void release_ids(const std::vector<std::uintptr_t>& ids) { release_compiled(ids); }
-inline void drain_pending() { drain_released(); }
-inline void erase_ids(const std::vector<std::uintptr_t>& ids) { erase_compiled(ids); }
-
-
-/** Smallest power of two >= n. */
-int next_pow2(int n);
-
 /** Throw std::invalid_argument("[tag] ...") unless x, y and the bounds describe a valid batch. */
 void check_batch(const mx::array& x, const mx::array& y, int num_classes, const char* tag);
 

@@ -148,6 +148,45 @@ mx::array checked_logits(
   return mx::astype(logits, mx::float32);
 }
 
+Scored score(
+    const ForwardFn& forward,
+    const std::vector<mx::array>& params,
+    const mx::array& x,
+    int num_classes,
+    bool stochastic,
+    int eot_samples,
+    const mx::array& draw_key,
+    const ObjectiveFn& objective,
+    const char* where) {
+  auto objective_of = [&](const mx::array& z) {
+    return objective ? objective(z) : mx::zeros({z.shape(0)}, mx::float32);
+  };
+  if (!stochastic) {
+    auto z = checked_logits(forward, params, x, num_classes, where);
+    return {objective_of(z), z};
+  }
+  auto draws = mx::random::split(draw_key, std::max(eot_samples, 2));
+  std::optional<mx::array> total, logits;
+  for (int e = 0; e < eot_samples; ++e) {
+    std::vector<mx::array> p(params);
+    p.push_back(mx::take(draws, e, 0));  // the trailing parameter of a stochastic forward
+    auto z = checked_logits(forward, p, x, num_classes, where);
+    auto l = objective_of(z);
+    total = total ? mx::add(*total, l) : l;
+    logits = logits ? mx::add(*logits, z) : z;
+  }
+  auto inv = mx::array(1.0f / eot_samples);
+  return {mx::multiply(*total, inv), mx::multiply(*logits, inv)};
+}
+
+int next_pow2(int n) {
+  int p = 1;
+  while (p < n) {
+    p <<= 1;
+  }
+  return p;
+}
+
 LossKind parse_loss(const std::string& loss) {
   if (loss == "ce" || loss == "cross_entropy") {
     return LossKind::CrossEntropy;
@@ -272,24 +311,10 @@ Evaluated check_and_score(
   if (cfg.loss == LossKind::KL) {
     probs = probs_in;
   }
-  if (!cfg.stochastic) {
-    auto logits = checked_logits(forward, params, x, num_classes);
-    auto loss = attack_objective(logits, y, cfg.loss, cfg.targeted, probs);
-    return {loss, attack_success(logits, y, cfg.targeted), logits};
-  }
-  auto draws = mx::random::split(mx::take(step_keys, t, 0), std::max(cfg.eot_samples, 2));
-  std::optional<mx::array> loss, logits;
-  for (int e = 0; e < cfg.eot_samples; ++e) {
-    std::vector<mx::array> p(params);
-    p.push_back(mx::take(draws, e, 0));  // the trailing parameter of a stochastic forward
-    auto z = checked_logits(forward, p, x, num_classes);
-    auto l = attack_objective(z, y, cfg.loss, cfg.targeted, probs);
-    loss = loss ? mx::add(*loss, l) : l;
-    logits = logits ? mx::add(*logits, z) : z;
-  }
-  auto inv = mx::array(1.0f / cfg.eot_samples);
-  auto mean_logits = mx::multiply(*logits, inv);
-  return {mx::multiply(*loss, inv), attack_success(mean_logits, y, cfg.targeted), mean_logits};
+  auto objective = [&](const mx::array& z) { return attack_objective(z, y, cfg.loss, cfg.targeted, probs); };
+  auto draw_key = cfg.stochastic ? mx::take(step_keys, t, 0) : step_keys;
+  auto sc = score(forward, params, x, num_classes, cfg.stochastic, cfg.eot_samples, draw_key, objective, "attack");
+  return {sc.objective, attack_success(sc.logits, y, cfg.targeted), sc.logits};
 }
 
 std::vector<mx::array> slice_params(const std::vector<mx::array>& in) {
@@ -344,14 +369,6 @@ std::vector<mx::array> final_fn(
     best = finish_restart({in[BX], in[BL], in[BS], in[BZ]}, best, in[Y], cfg, in[PROBS], in[X].ndim());
   }
   return {in[X], best.x, best.loss, best.success, best.logits};
-}
-
-int next_pow2(int n) {
-  int p = 1;
-  while (p < n) {
-    p <<= 1;
-  }
-  return p;
 }
 
 mx::array take_rows(const mx::array& a, const mx::array& idx) {

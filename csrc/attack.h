@@ -78,6 +78,33 @@ mx::array checked_logits(
     int num_classes,
     const char* where = "attack");
 
+/** Per-sample objective computed from logits (N, C) -> (N,). */
+using ObjectiveFn = std::function<mx::array(const mx::array&)>;
+
+struct Scored {
+  mx::array objective;  // (N,) mean over the draws
+  mx::array logits;     // (N, C) mean over the draws
+};
+
+/**
+ * Score x once (deterministic model) or as the mean over `eot_samples` draws of a stochastic
+ * model (EOT, Athalye et al. 2018), whose trailing parameter is a key split from `draw_key`.
+ * `where` names the attack in error messages. Every gradient engine scores through this.
+ */
+Scored score(
+    const ForwardFn& forward,
+    const std::vector<mx::array>& params,
+    const mx::array& x,
+    int num_classes,
+    bool stochastic,
+    int eot_samples,
+    const mx::array& draw_key,
+    const ObjectiveFn& objective,
+    const char* where);
+
+/** Smallest power of two >= n (shrinking working batches retrace at most log2(N) times). */
+int next_pow2(int n);
+
 /**
  * Check that every label in `y` (N,) lies in [0, num_classes): an out-of-range label would make
  * the gather in the loss, and the scatter in its gradient, touch memory outside the logits.

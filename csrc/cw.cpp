@@ -91,7 +91,7 @@ std::vector<mx::array> steps_fn(
     auto objective = [&](const std::vector<mx::array>& ws) -> std::vector<mx::array> {
       xa = to_input_space(ws[0], in[LO], in[HI]);
       auto margin = [&](const mx::array& z) { return margin_loss(z, in[Y], in[KAPPA], cfg.targeted); };
-      auto sc = suite::score(forward, params, *xa, num_classes, cfg.stochastic, cfg.eot_samples, draw_key,
+      auto sc = score(forward, params, *xa, num_classes, cfg.stochastic, cfg.eot_samples, draw_key,
                              margin, "cw");
       l2 = mx::sum(mx::square(mx::subtract(*xa, x0)), axes);
       loss = mx::add(*l2, mx::multiply(in[C], sc.objective));
@@ -138,11 +138,11 @@ mx::array cw_margin_loss(const mx::array& logits, const mx::array& y, float kapp
 }
 
 CwEngine::~CwEngine() {
-  suite::release_ids(ids());
+  release_compiled(ids());
 }
 
 void CwEngine::clear() {
-  suite::erase_ids(ids());
+  erase_compiled(ids());
   unrolls_.clear();
 }
 
@@ -187,7 +187,7 @@ AttackOutput CwEngine::run(
   }
 
   std::lock_guard<std::mutex> serial(core_mutex());
-  suite::drain_pending();
+  drain_released();
   auto x0 = mx::astype(x0_in, mx::float32);
   auto y = mx::astype(y_in, mx::int32);
   auto lo32 = mx::astype(lo, mx::float32);
@@ -209,7 +209,7 @@ AttackOutput CwEngine::run(
         traces_++;
         std::vector<mx::array> params(in.begin() + 2, in.end());
         return std::vector<mx::array>{
-            suite::score(forward, params, in[0], num_classes, cfg.stochastic, cfg.eot_samples, in[1],
+            score(forward, params, in[0], num_classes, cfg.stochastic, cfg.eot_samples, in[1],
                          nullptr, "cw").logits};
       },
       id(0), false, constants(0, 0));

@@ -87,13 +87,13 @@ constexpr float kUnchanged = 1e-7f;  // the official code's "this draw changes n
 constexpr uint64_t kTag = 0x5351554152450000ull;  // "SQUARE": keeps our cache entries apart
 
 
-struct Scored {
+struct SquareScore {
   mx::array loss, success, logits;
 };
 
 // Loss to minimise (the negated attack objective), success and logits at x. A random model gets
 // the trailing key `noise_key`.
-Scored score(
+SquareScore square_score(
     const ForwardFn& forward,
     const std::vector<mx::array>& params,
     const mx::array& x,
@@ -271,10 +271,10 @@ std::vector<mx::array> init_fn(const ForwardFn& forward, const std::vector<mx::a
   const auto& y = in[I_Y];
   auto eps4 = per_sample(in[I_EPS], 4);
   auto noise = mx::random::split(in[I_KEY], 3);
-  auto clean = score(forward, params, x0, y, num_classes, cfg, mx::take(noise, 1, 0));
+  auto clean = square_score(forward, params, x0, y, num_classes, cfg, mx::take(noise, 1, 0));
   auto x1 = cfg.norm == Norm::Linf ? linf_init(x0, eps4, in[I_LO], in[I_HI], in[I_SID], in[I_KEY])
                                    : l2_init(x0, eps4, in[I_LO], in[I_HI], in[I_SID], in[I_KEY]);
-  auto first = score(forward, params, x1, y, num_classes, cfg, mx::take(noise, 2, 0));
+  auto first = square_score(forward, params, x1, y, num_classes, cfg, mx::take(noise, 2, 0));
   // Samples misclassified already keep x0 and spend no query.
   const auto& done = clean.success;
   return {mx::where(per_sample(done, 4), x0, x1),
@@ -301,7 +301,7 @@ std::vector<mx::array> step_fn(const ForwardFn& forward, const std::vector<mx::a
     auto u = square_draws(in[SID], key, step_words(cfg.norm, c));
     auto x_new = cfg.norm == Norm::Linf ? linf_candidate(x0, bx, eps4, in[LO], in[HI], u, s)
                                         : l2_candidate(x0, bx, eps4, in[LO], in[HI], u, s, level, in[TABLE]);
-    auto cand = score(forward, params, x_new, y, num_classes, cfg, mx::random::split(key).second);
+    auto cand = square_score(forward, params, x_new, y, num_classes, cfg, mx::random::split(key).second);
     auto live = mx::logical_and(valid, mx::logical_not(bs));
     auto accept = mx::logical_and(live, mx::less(cand.loss, bl));
     bq = mx::add(bq, mx::astype(live, mx::int32));
@@ -311,14 +311,6 @@ std::vector<mx::array> step_fn(const ForwardFn& forward, const std::vector<mx::a
     bs = mx::logical_or(bs, mx::logical_and(accept, cand.success));
   }
   return {bx, bl, bs, bz, bq};
-}
-
-int next_pow2(int n) {
-  int p = 1;
-  while (p < n) {
-    p <<= 1;
-  }
-  return p;
 }
 
 } // namespace

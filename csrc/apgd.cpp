@@ -313,19 +313,6 @@ std::vector<uint8_t> host_flags(const mx::array& a) {
 
 } // namespace
 
-ApgdEngine::~ApgdEngine() {
-  release_compiled(ids());
-}
-
-void ApgdEngine::clear() {
-  erase_compiled(ids());
-  unrolls_.clear();
-}
-
-int ApgdEngine::chosen_unroll(const mx::Shape& shape) const {
-  return unrolls_.get(shape);
-}
-
 AttackOutput ApgdEngine::run(
     const ForwardFn& forward,
     const std::vector<mx::array>& params,

@@ -91,12 +91,9 @@ struct ApgdConfig {
  * samples misclassified at x are returned as x. Restarts and APGD-T's target classes run only on
  * the samples not yet broken (with early_stop) and keep each sample's first success.
  */
-class ApgdEngine {
+class ApgdEngine : public CompiledEngine {
  public:
-  ApgdEngine() = default;
-  ~ApgdEngine();
-  ApgdEngine(const ApgdEngine&) = delete;
-  ApgdEngine& operator=(const ApgdEngine&) = delete;
+  ApgdEngine() : CompiledEngine(3) {}
 
   /**
    * `y` (N,) true labels; `target` (N,) the targets when config.targeted, else ignored.
@@ -114,28 +111,6 @@ class ApgdEngine {
       int num_classes,
       const ApgdConfig& config,
       const mx::array& key);
-
-  /** How many times the model function was traced (Python ran) since construction. */
-  int trace_count() const {
-    return traces_.load();
-  }
-
-  /** Unroll depth chosen for inputs of this shape, or 0 if none chosen yet. */
-  int chosen_unroll(const mx::Shape& shape) const;
-
-  /** Drop every compiled function of this engine. Call with core_mutex() held. */
-  void clear();
-
- private:
-  std::uintptr_t id(int k) const {
-    return reinterpret_cast<std::uintptr_t>(this) + k;
-  }
-  std::vector<std::uintptr_t> ids() const {
-    return {id(0), id(1), id(2)};
-  }
-
-  std::atomic<int> traces_{0};
-  UnrollCache unrolls_;
 };
 
 } // namespace mlx_robust

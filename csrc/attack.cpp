@@ -377,19 +377,6 @@ mx::array take_rows(const mx::array& a, const mx::array& idx) {
 
 } // namespace
 
-AttackEngine::~AttackEngine() {
-  release_compiled({step_id(), eval_id()});
-}
-
-void AttackEngine::clear() {
-  erase_compiled({step_id(), eval_id()});
-  unrolls_.clear();
-}
-
-int AttackEngine::chosen_unroll(const mx::Shape& shape) const {
-  return unrolls_.get(shape);
-}
-
 AttackOutput AttackEngine::run(
     const ForwardFn& forward,
     const std::vector<mx::array>& params,

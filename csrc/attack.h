@@ -58,6 +58,58 @@ class UnrollCache {
   std::map<std::vector<int>, int> by_shape_;
 };
 
+/**
+ * What every compiled engine shares: compile-cache ids derived from its address (`num_ids` of
+ * them: id(0), id(1), ...), a trace counter and an unroll cache. Not copyable: the ids are the
+ * object's address. The destructor hands the ids to release_compiled.
+ */
+class CompiledEngine {
+ public:
+  CompiledEngine(const CompiledEngine&) = delete;
+  CompiledEngine& operator=(const CompiledEngine&) = delete;
+
+  /** How many times the model function was traced (Python ran) since construction. */
+  int trace_count() const {
+    return traces_.load();
+  }
+
+  /** Steps per compiled call chosen for inputs of this shape, or 0 if none chosen yet. */
+  int chosen_unroll(const mx::Shape& shape) const {
+    return unrolls_.get(shape);
+  }
+
+  /** Drop every compiled function of this engine (after the model's structure changed).
+      Call with core_mutex() held or while no other thread runs the core. */
+  void clear() {
+    erase_compiled(ids());
+    unrolls_.clear();
+  }
+
+ protected:
+  explicit CompiledEngine(int num_ids) : num_ids_(num_ids) {}
+  ~CompiledEngine() {
+    release_compiled(ids());
+  }
+
+  std::uintptr_t id(int k) const {
+    return reinterpret_cast<std::uintptr_t>(this) + k;
+  }
+
+  std::atomic<int> traces_{0};
+  UnrollCache unrolls_;
+
+ private:
+  std::vector<std::uintptr_t> ids() const {
+    std::vector<std::uintptr_t> out;
+    for (int k = 0; k < num_ids_; ++k) {
+      out.push_back(id(k));
+    }
+    return out;
+  }
+
+  int num_ids_;
+};
+
 /** The model as a pure function of its flattened parameters and an input batch -> logits (N, C). */
 using ForwardFn = std::function<mx::array(const std::vector<mx::array>&, const mx::array&)>;
 
@@ -171,13 +223,10 @@ struct AttackOutput {
  * The step is traced once per input shape and configuration and compiled with `unroll` steps per
  * call; model parameters are inputs of the compiled function, never captured constants.
  */
-class AttackEngine {
+class AttackEngine : public CompiledEngine {
   // run(): `probs` (N, num_classes) is required by the KL objective and ignored otherwise.
  public:
-  AttackEngine() = default;
-  ~AttackEngine();
-  AttackEngine(const AttackEngine&) = delete;
-  AttackEngine& operator=(const AttackEngine&) = delete;
+  AttackEngine() : CompiledEngine(2) {}
 
   AttackOutput run(
       const ForwardFn& forward,
@@ -193,28 +242,13 @@ class AttackEngine {
       const mx::array& key,
       const std::optional<mx::array>& probs = std::nullopt);
 
-  /** How many times the model function was traced (Python ran) since construction. */
-  int trace_count() const {
-    return traces_.load();
-  }
-
-  /** Unroll depth chosen for inputs of this shape, or 0 if none chosen yet. */
-  int chosen_unroll(const mx::Shape& shape) const;
-
-  /** Drop every compiled function of this engine (after the model's structure changed).
-      Call with core_mutex() held or while no other thread runs the core. */
-  void clear();
-
  private:
   std::uintptr_t step_id() const {
-    return reinterpret_cast<std::uintptr_t>(this);
+    return id(0);
   }
   std::uintptr_t eval_id() const {
-    return reinterpret_cast<std::uintptr_t>(this) + 1;
+    return id(1);
   }
-
-  std::atomic<int> traces_{0};
-  UnrollCache unrolls_;
 };
 
 } // namespace mlx_robust

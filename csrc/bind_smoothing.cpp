@@ -12,7 +12,7 @@ using namespace nb::literals;
 using namespace mlx_robust;
 
 void init_smoothing(nb::module_& m) {
-  nb::class_<SmoothingEngine>(m, "SmoothingEngine",
+  auto smoothing_engine = nb::class_<SmoothingEngine>(m, "SmoothingEngine",
       "Compiled Gaussian sampling and vote counting for one model (see csrc/smoothing.h).")
       .def(nb::init<>())
       .def(
@@ -37,10 +37,8 @@ void init_smoothing(nb::module_& m) {
           "num_classes"_a, "overlap"_a = true,
           "Class votes (N, num_classes) int32 of argmax forward(params, x_i + N(0, sigma^2 I)) over n "
           "draws per input, in chunks of batch_size rows; chunk c of input i uses key "
-          "split(keys[i], chunks)[c]. `forward(params, x)` is called only while tracing.")
-      .def_prop_ro("trace_count", &SmoothingEngine::trace_count,
-          "Times the model was traced (Python ran) since construction.")
-      .def("clear", &SmoothingEngine::clear, "Drop every compiled function of this engine.");
+          "split(keys[i], chunks)[c]. `forward(params, x)` is called only while tracing.");
+  bind_engine_common(smoothing_engine);
 
   m.def("chunk_rows", &chunk_rows, "n"_a, "batch_size"_a,
       "Rows of each model batch drawing n noisy copies of one input: full batches, then the rest.");

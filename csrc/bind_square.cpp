@@ -11,7 +11,7 @@ using namespace nb::literals;
 using namespace mlx_robust;
 
 void init_square(nb::module_& m) {
-  nb::class_<SquareEngine>(m, "SquareEngine",
+  auto square_engine = nb::class_<SquareEngine>(m, "SquareEngine",
       "Compiled Square attack (Andriushchenko et al. 2020) for one model (see csrc/square.h).")
       .def(nb::init<>())
       .def(
@@ -44,23 +44,8 @@ void init_square(nb::module_& m) {
           "stochastic"_a = false, "key"_a,
           "Run the Square attack on NHWC images; returns (x_adv, success, loss, logits, norms, "
           "queries). `forward(params, x)` is called only while tracing; with stochastic=True the "
-          "last element of `params` is a PRNG key for the draw. One engine per model.")
-      .def_prop_ro("trace_count", &SquareEngine::trace_count,
-          "Times the model was traced (Python ran) since construction.")
-      .def(
-          "chosen_unroll",
-          [](const SquareEngine& self, const std::vector<int>& shape) {
-            return self.chosen_unroll(mx::Shape(shape.begin(), shape.end()));
-          },
-          "shape"_a, "Iterations per compiled call chosen for inputs of this shape (0: none yet).")
-      .def(
-          "clear",
-          [](SquareEngine& self) {
-            nb::gil_scoped_release nogil;
-            std::lock_guard<std::mutex> serial(core_mutex());
-            self.clear();
-          },
-          "Drop every compiled function of this engine.");
+          "last element of `params` is a PRNG key for the draw. One engine per model.");
+  bind_engine_common(square_engine);
 
   m.def("square_level", &square_level, "it"_a, "n_queries"_a,
         "Halvings of p_init at iteration `it` of `n_queries` (the paper's schedule), 0..9.");

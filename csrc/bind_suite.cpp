@@ -24,7 +24,7 @@ nb::tuple as_tuple(const AttackOutput& out) {
 } // namespace
 
 void init_suite(nb::module_& m) {
-  nb::class_<ApgdEngine>(m, "ApgdEngine",
+  auto apgd_engine = nb::class_<ApgdEngine>(m, "ApgdEngine",
       "Compiled Auto-PGD loop for one model (Croce & Hein 2020; see csrc/apgd.h).")
       .def(nb::init<>())
       .def(
@@ -67,25 +67,10 @@ void init_suite(nb::module_& m) {
           "`target` (N,) makes it targeted (success = argmax == target); n_target_classes > 0 is "
           "APGD-T (targeted DLR towards the top-k other classes, success = argmax != y). "
           "`forward(params, x)` is called only while tracing; with stochastic=True the last "
-          "element of `params` is a PRNG key for the draw. One engine per model.")
-      .def_prop_ro("trace_count", &ApgdEngine::trace_count,
-          "Times the model was traced (Python ran) since construction.")
-      .def(
-          "chosen_unroll",
-          [](const ApgdEngine& self, const std::vector<int>& shape) {
-            return self.chosen_unroll(mx::Shape(shape.begin(), shape.end()));
-          },
-          "shape"_a, "Steps per compiled call chosen for inputs of this shape (0: none yet).")
-      .def(
-          "clear",
-          [](ApgdEngine& self) {
-            nb::gil_scoped_release nogil;
-            std::lock_guard<std::mutex> serial(core_mutex());
-            self.clear();
-          },
-          "Drop every compiled function of this engine.");
+          "element of `params` is a PRNG key for the draw. One engine per model.");
+  bind_engine_common(apgd_engine);
 
-  nb::class_<CwEngine>(m, "CwEngine",
+  auto cw_engine = nb::class_<CwEngine>(m, "CwEngine",
       "Compiled Carlini-Wagner L2 loop for one model (Carlini & Wagner 2017; see csrc/cw.h).")
       .def(nb::init<>())
       .def(
@@ -120,23 +105,8 @@ void init_suite(nb::module_& m) {
           "eot_samples"_a = 1, "key"_a,
           "Run C&W L2; returns (x_adv, success, loss, logits, norms) with L2 norms and loss the "
           "logit margin at x_adv. With targeted=True, `y` holds the targets. `forward(params, x)` "
-          "is called only while tracing. One engine per model.")
-      .def_prop_ro("trace_count", &CwEngine::trace_count,
-          "Times the model was traced (Python ran) since construction.")
-      .def(
-          "chosen_unroll",
-          [](const CwEngine& self, const std::vector<int>& shape) {
-            return self.chosen_unroll(mx::Shape(shape.begin(), shape.end()));
-          },
-          "shape"_a, "Steps per compiled call chosen for inputs of this shape (0: none yet).")
-      .def(
-          "clear",
-          [](CwEngine& self) {
-            nb::gil_scoped_release nogil;
-            std::lock_guard<std::mutex> serial(core_mutex());
-            self.clear();
-          },
-          "Drop every compiled function of this engine.");
+          "is called only while tracing. One engine per model.");
+  bind_engine_common(cw_engine);
 
   m.def(
       "dlr_loss",

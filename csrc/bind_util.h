@@ -34,6 +34,31 @@ inline ForwardFn borrow_forward(nb::handle fn, const char* where = "attack") {
   };
 }
 
+/**
+ * The members every engine binding shares (CompiledEngine): trace_count, chosen_unroll(shape) and
+ * clear() (which takes the core's lock with the GIL released).
+ */
+template <class Engine>
+void bind_engine_common(nb::class_<Engine>& cls) {
+  cls.def_prop_ro(
+         "trace_count", [](const Engine& self) { return self.trace_count(); },
+         "Times the model was traced (Python ran) since construction.")
+      .def(
+          "chosen_unroll",
+          [](const Engine& self, const std::vector<int>& shape) {
+            return self.chosen_unroll(mx::Shape(shape.begin(), shape.end()));
+          },
+          nb::arg("shape"), "Steps (Square: iterations) per compiled call chosen for inputs of this shape (0: none yet).")
+      .def(
+          "clear",
+          [](Engine& self) {
+            nb::gil_scoped_release nogil;
+            std::lock_guard<std::mutex> serial(core_mutex());
+            self.clear();
+          },
+          "Drop every compiled function of this engine.");
+}
+
 /** Throw std::invalid_argument("[<where>] forward must be callable") unless `fn` is callable. */
 inline void require_callable(nb::handle fn, const char* where = "attack") {
   if (!PyCallable_Check(fn.ptr())) {

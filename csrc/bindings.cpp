@@ -17,7 +17,7 @@ using namespace mlx_robust;
 namespace {
 
 void init_attack(nb::module_& m) {
-  nb::class_<AttackEngine>(m, "AttackEngine",
+  auto attack_engine = nb::class_<AttackEngine>(m, "AttackEngine",
       "Compiled gradient-attack loop for one model (see csrc/attack.h).")
       .def(nb::init<>())
       .def(
@@ -56,23 +56,8 @@ void init_attack(nb::module_& m) {
           "Run the attack; returns (x_adv, success, loss, logits, norms). `forward(params, x)` "
           "is called only while a step is traced; with stochastic=True the last element of "
           "`params` is a PRNG key for the draw. The engine's compiled steps belong to one model: "
-          "use one engine per model.")
-      .def_prop_ro("trace_count", &AttackEngine::trace_count,
-          "Times the model was traced (Python ran) since construction.")
-      .def(
-          "chosen_unroll",
-          [](const AttackEngine& self, const std::vector<int>& shape) {
-            return self.chosen_unroll(mx::Shape(shape.begin(), shape.end()));
-          },
-          "shape"_a, "Steps per compiled call chosen for inputs of this shape (0: none yet).")
-      .def(
-          "clear",
-          [](AttackEngine& self) {
-            nb::gil_scoped_release nogil;
-            std::lock_guard<std::mutex> serial(core_mutex());
-            self.clear();
-          },
-          "Drop every compiled function of this engine.");
+          "use one engine per model.");
+  bind_engine_common(attack_engine);
 
   m.def(
       "project",

@@ -137,19 +137,6 @@ mx::array cw_margin_loss(const mx::array& logits, const mx::array& y, float kapp
   return margin_loss(logits, y, mx::array(kappa), targeted);
 }
 
-CwEngine::~CwEngine() {
-  release_compiled(ids());
-}
-
-void CwEngine::clear() {
-  erase_compiled(ids());
-  unrolls_.clear();
-}
-
-int CwEngine::chosen_unroll(const mx::Shape& shape) const {
-  return unrolls_.get(shape);
-}
-
 AttackOutput CwEngine::run(
     const ForwardFn& forward,
     const std::vector<mx::array>& params,

@@ -49,12 +49,9 @@ mx::array cw_margin_loss(const mx::array& logits, const mx::array& y, float kapp
  * logit margin reached kappa, or x itself (no success unless x is already misclassified).
  * Everything is per sample, so a batch gives the same result as its samples one by one.
  */
-class CwEngine {
+class CwEngine : public CompiledEngine {
  public:
-  CwEngine() = default;
-  ~CwEngine();
-  CwEngine(const CwEngine&) = delete;
-  CwEngine& operator=(const CwEngine&) = delete;
+  CwEngine() : CompiledEngine(2) {}
 
   /** Returns x_adv, success, loss (the logit margin at x_adv, higher = stronger), logits, L2 norms. */
   AttackOutput run(
@@ -67,28 +64,6 @@ class CwEngine {
       int num_classes,
       const CwConfig& config,
       const mx::array& key);
-
-  /** How many times the model function was traced (Python ran) since construction. */
-  int trace_count() const {
-    return traces_.load();
-  }
-
-  /** Unroll depth chosen for inputs of this shape, or 0 if none chosen yet. */
-  int chosen_unroll(const mx::Shape& shape) const;
-
-  /** Drop every compiled function of this engine. Call with core_mutex() held. */
-  void clear();
-
- private:
-  std::uintptr_t id(int k) const {
-    return reinterpret_cast<std::uintptr_t>(this) + k;
-  }
-  std::vector<std::uintptr_t> ids() const {
-    return {id(0), id(1)};
-  }
-
-  std::atomic<int> traces_{0};
-  UnrollCache unrolls_;
 };
 
 } // namespace mlx_robust

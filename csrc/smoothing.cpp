@@ -49,7 +49,7 @@ mx::array row(const mx::array& a, int i, mx::StreamOrDevice s = {}) {
 
 // One chunk: votes of `rows` noisy copies of x drawn with `key`.
 mx::array chunk_votes(
-    const ModelForward& forward,
+    const ForwardFn& forward,
     const std::vector<mx::array>& in,
     const mx::array& key,
     int rows,
@@ -91,7 +91,7 @@ mx::array chunk_votes(
 // key, so the counts do not depend on the grouping, and the model never sees more than `rows`
 // rows at once.
 std::vector<mx::array> group_fn(
-    const ModelForward& forward,
+    const ForwardFn& forward,
     const std::vector<mx::array>& in,
     int rows,
     int group,
@@ -180,16 +180,8 @@ std::vector<int> chunk_rows(int64_t n, int batch_size) {
   return rows;
 }
 
-SmoothingEngine::~SmoothingEngine() {
-  release_compiled({id()});
-}
-
-void SmoothingEngine::clear() {
-  erase_compiled({id()});
-}
-
 mx::array SmoothingEngine::vote_counts(
-    const ModelForward& forward,
+    const ForwardFn& forward,
     const std::vector<mx::array>& params,
     const mx::array& x,
     const mx::array& keys,
@@ -247,7 +239,7 @@ mx::array SmoothingEngine::vote_counts(
           static_cast<uint64_t>(m), static_cast<uint64_t>(num_classes),
           static_cast<uint64_t>(cfg.overlap), static_cast<uint64_t>(noise_s.index),
           static_cast<uint64_t>(g)};
-      it = fns.emplace(std::make_pair(m, g), mx::detail::compile(fn, id(), false, constants)).first;
+      it = fns.emplace(std::make_pair(m, g), mx::detail::compile(fn, id(0), false, constants)).first;
     }
     return it->second;
   };

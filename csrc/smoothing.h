@@ -7,14 +7,12 @@
 #include <functional>
 #include <vector>
 
+#include "attack.h"
 #include "mlx/mlx.h"
 
 namespace mlx_robust {
 
 namespace mx = mlx::core;
-
-/** The base classifier as a pure function of its flattened parameters and a batch -> logits (N, C). */
-using ModelForward = std::function<mx::array(const std::vector<mx::array>&, const mx::array&)>;
 
 /** Rows of each model batch for `n` noisy copies of one input: full batches, then the remainder. */
 std::vector<int> chunk_rows(int64_t n, int batch_size);
@@ -46,37 +44,20 @@ struct VoteConfig {
  * up to 8 per compiled call (at most 4096 noisy rows per call, each chunk its own model batch);
  * calls are queued with async_eval, two in flight at most.
  */
-class SmoothingEngine {
+class SmoothingEngine : public CompiledEngine {
  public:
-  SmoothingEngine() = default;
-  ~SmoothingEngine();
-  SmoothingEngine(const SmoothingEngine&) = delete;
-  SmoothingEngine& operator=(const SmoothingEngine&) = delete;
+  SmoothingEngine() : CompiledEngine(1) {}
 
   /**
    * Class votes (N, num_classes) int32 of the base classifier under Gaussian noise, n per input.
    * `x` is (N, *sample_shape) floating point; `keys` is (N, 2) uint32, one PRNG key per input.
    */
   mx::array vote_counts(
-      const ModelForward& forward,
+      const ForwardFn& forward,
       const std::vector<mx::array>& params,
       const mx::array& x,
       const mx::array& keys,
       const VoteConfig& config);
-
-  /** How many times the model was traced (Python ran) since construction. */
-  int trace_count() const {
-    return traces_.load();
-  }
-
-  /** Drop every compiled function of this engine (after the model's structure changed). */
-  void clear();
-
- private:
-  std::uintptr_t id() const {
-    return reinterpret_cast<std::uintptr_t>(this);
-  }
-  std::atomic<int> traces_{0};
 };
 
 /**

@@ -395,19 +395,6 @@ mx::array square_draws(const mx::array& ids, const mx::array& key, int m) {
   return mix32(mx::bitwise_xor(z, a));
 }
 
-SquareEngine::~SquareEngine() {
-  release_compiled({init_id(), step_id()});
-}
-
-void SquareEngine::clear() {
-  erase_compiled({init_id(), step_id()});
-  unrolls_.clear();
-}
-
-int SquareEngine::chosen_unroll(const mx::Shape& shape) const {
-  return unrolls_.get(shape);
-}
-
 SquareOutput SquareEngine::run(
     const ForwardFn& forward,
     const std::vector<mx::array>& params,

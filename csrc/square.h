@@ -100,12 +100,9 @@ struct SquareOutput {
  * The window size is an input of the compiled function (one trace per unroll depth and batch size),
  * as is the model's flattened parameter list.
  */
-class SquareEngine {
+class SquareEngine : public CompiledEngine {
  public:
-  SquareEngine() = default;
-  ~SquareEngine();
-  SquareEngine(const SquareEngine&) = delete;
-  SquareEngine& operator=(const SquareEngine&) = delete;
+  SquareEngine() : CompiledEngine(2) {}
 
   SquareOutput run(
       const ForwardFn& forward,
@@ -119,28 +116,14 @@ class SquareEngine {
       const SquareConfig& config,
       const mx::array& key);
 
-  /** How many times the model function was traced (Python ran) since construction. */
-  int trace_count() const {
-    return traces_.load();
-  }
-
-  /** Iterations per compiled call chosen for inputs of this shape, or 0 if none chosen yet. */
-  int chosen_unroll(const mx::Shape& shape) const;
-
-  /** Drop every compiled function of this engine. Call with core_mutex() held. */
-  void clear();
-
  private:
   // Distinct from AttackEngine's ids at the same address only by the constants' tag.
   std::uintptr_t init_id() const {
-    return reinterpret_cast<std::uintptr_t>(this);
+    return id(0);
   }
   std::uintptr_t step_id() const {
-    return reinterpret_cast<std::uintptr_t>(this) + 1;
+    return id(1);
   }
-
-  std::atomic<int> traces_{0};
-  UnrollCache unrolls_;
 };
 
 } // namespace mlx_robust

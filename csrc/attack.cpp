@@ -6,7 +6,6 @@
 #include <cstdlib>
 #include <limits>
 #include <optional>
-#include <sstream>
 #include <stdexcept>
 
 #include "mlx/compile_impl.h"

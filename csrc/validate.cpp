@@ -1,8 +1,6 @@
 #include "validate.h"
 
 #include "attack.h"
-
-
 #include "mlx/compile_impl.h"
 
 namespace mlx_robust {

@@ -23,7 +23,7 @@ from pathlib import Path
 import mlx.core as mx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_attack import backend_description, make_model, timeit as best_of  # noqa: E402
+from bench_attack import backend_description, make_model, timeit  # noqa: E402
 
 import mlx_robust as mr  # noqa: E402
 
@@ -70,9 +70,9 @@ def main() -> None:
         return mx.compile(body, inputs=model.state)
 
     rows = {}
-    rows["forward"] = best_of(lambda: [mx.eval(model(xb)) for _ in range(calls)], args.reps)
-    rows["forward-compiled"] = best_of(lambda: [mx.eval(cf(xb)) for _ in range(calls)], args.reps)
-    rows["noise+forward"] = best_of(lambda: [mx.eval(nf(keys[i])) for i in range(calls)], args.reps)
+    rows["forward"] = timeit(lambda: [mx.eval(model(xb)) for _ in range(calls)], args.reps)
+    rows["forward-compiled"] = timeit(lambda: [mx.eval(cf(xb)) for _ in range(calls)], args.reps)
+    rows["noise+forward"] = timeit(lambda: [mx.eval(nf(keys[i])) for i in range(calls)], args.reps)
 
     def chunk(sync_every):
         c = mx.zeros((10,), mx.int32)
@@ -85,8 +85,8 @@ def main() -> None:
                 mx.eval(pending.pop(0))
         mx.eval(c)
 
-    rows["chunk"] = best_of(lambda: chunk(0), args.reps)
-    rows["chunk-async"] = best_of(lambda: chunk(2), args.reps)
+    rows["chunk"] = timeit(lambda: chunk(0), args.reps)
+    rows["chunk-async"] = timeit(lambda: chunk(2), args.reps)
     for g in (2, 4, 8):
         fg = grouped(g)
 
@@ -101,10 +101,10 @@ def main() -> None:
                     mx.eval(pending.pop(0))
             mx.eval(c)
 
-        rows[f"chunk-g{g}"] = best_of(run_g, args.reps)
+        rows[f"chunk-g{g}"] = timeit(run_g, args.reps)
     robust = mr.RobustModel(model, bounds=(0.0, 1.0), input_shape=(28, 28, 1), num_classes=10,
                             smoothing=mr.Smoothing(sigma=sigma, n=calls * B, batch_size=B))
-    rows["library"] = best_of(lambda: mx.eval(robust.predict(x1, key=mr.key(0))), args.reps)
+    rows["library"] = timeit(lambda: mx.eval(robust.predict(x1, key=mr.key(0))), args.reps)
     base = rows["forward"]
     for name, t in rows.items():
         print(f"  {name:18s} {calls * B / t:12.0f} samples/s   ratio to forward {base / t:5.2f}", flush=True)

@@ -378,7 +378,7 @@ AttackOutput ApgdEngine::run(
         static_cast<uint64_t>(cfg.norm), static_cast<uint64_t>(cfg.loss),
         static_cast<uint64_t>(cfg.targeted), static_cast<uint64_t>(cfg.n_target_classes > 0),
         static_cast<uint64_t>(num_classes), static_cast<uint64_t>(cfg.stochastic),
-        static_cast<uint64_t>(cfg.eot_samples)};
+        static_cast<uint64_t>(cfg.eot_samples), static_cast<uint64_t>(fast_pool_enabled())};
   };
   auto clean_fn = mx::detail::compile(
       [this, &forward, num_classes, &cfg](const std::vector<mx::array>& in) {

@@ -451,7 +451,7 @@ AttackOutput AttackEngine::run(
         static_cast<uint64_t>(cfg.norm), static_cast<uint64_t>(cfg.loss),
         static_cast<uint64_t>(cfg.targeted), static_cast<uint64_t>(cfg.track_best),
         static_cast<uint64_t>(num_classes), static_cast<uint64_t>(cfg.stochastic),
-        static_cast<uint64_t>(cfg.eot_samples)};
+        static_cast<uint64_t>(cfg.eot_samples), static_cast<uint64_t>(fast_pool_enabled())};
   };
   auto make_steps = [&](int k) {
     auto fn = [this, &forward, k, num_classes, &cfg](const std::vector<mx::array>& in) {

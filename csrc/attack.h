@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "graph_rewrite.h"
 #include "mlx/mlx.h"
 #include "project.h"
 

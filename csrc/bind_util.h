@@ -18,6 +18,7 @@ namespace nb = nanobind;
  * ForwardFn. The caller keeps it alive for the call, and nothing C++ stores holds a reference, so
  * no hidden cycle can keep the model alive. The GIL is re-acquired for each call (the core runs
  * with it released) and a non-array result becomes std::invalid_argument("[<where>] ...").
+ * The returned graph has its window maxima rewritten (rewrite_window_max; exact, faster).
  */
 inline ForwardFn borrow_forward(nb::handle fn, const char* where = "attack") {
   std::string tag(where);
@@ -30,7 +31,7 @@ inline ForwardFn borrow_forward(nb::handle fn, const char* where = "attack") {
           "[" + tag + "] the model must return an mx.array of floating-point logits, got " +
           nb::type_name(out.type()).c_str());
     }
-    return *arr;
+    return rewrite_window_max(*arr);
   };
 }
 

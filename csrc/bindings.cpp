@@ -128,6 +128,24 @@ void init_validate(nb::module_& m) {
       "One fused pass: structure, NaN/Inf and out-of-range counts per sample.");
 }
 
+void init_rewrite(nb::module_& m) {
+  m.def("fast_pool_enabled", &fast_pool_enabled,
+        "Whether the core rewrites window maxima (max pooling) in traced forwards.");
+  m.def("set_fast_pool", &set_fast_pool, "enabled"_a,
+        "Turn the exact max-pooling rewrite on or off (compiled functions are keyed on it).");
+  m.def("last_rewrite_count", &last_rewrite_count,
+        "Window maxima replaced in the last forward this thread traced (for tests).");
+  m.def(
+      "rewrite_window_max",
+      [](const mx::array& out) {
+        auto r = rewrite_window_max(out);
+        return nb::make_tuple(r, last_rewrite_count());
+      },
+      "out"_a,
+      "Rewrite the window maxima in the pending graph of `out`; returns (out or its replacement, "
+      "number replaced). What the core does to every traced forward.");
+}
+
 } // namespace
 
 // Defined in their own binding files (bind_*.cpp), one per submodule of the core.
@@ -138,6 +156,7 @@ void init_square(nb::module_& m);
 NB_MODULE(_core, m) {
   m.doc() = "mlx-robust C++ core: compiled attack loop and input validation.";
   m.attr("mlx_version") = MLX_ROBUST_MLX_VERSION;
+  init_rewrite(m);
   nb::register_exception_translator(
       [](const std::exception_ptr& p, void*) {
         try {

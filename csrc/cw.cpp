@@ -189,7 +189,7 @@ AttackOutput CwEngine::run(
         kCwTag, static_cast<uint64_t>(kind), static_cast<uint64_t>(k),
         static_cast<uint64_t>(cfg.targeted), static_cast<uint64_t>(cfg.early_abort),
         static_cast<uint64_t>(num_classes), static_cast<uint64_t>(cfg.stochastic),
-        static_cast<uint64_t>(cfg.eot_samples)};
+        static_cast<uint64_t>(cfg.eot_samples), static_cast<uint64_t>(fast_pool_enabled())};
   };
   auto clean_fn = mx::detail::compile(
       [this, &forward, num_classes, &cfg](const std::vector<mx::array>& in) {

@@ -238,7 +238,7 @@ mx::array SmoothingEngine::vote_counts(
       std::vector<uint64_t> constants{
           static_cast<uint64_t>(m), static_cast<uint64_t>(num_classes),
           static_cast<uint64_t>(cfg.overlap), static_cast<uint64_t>(noise_s.index),
-          static_cast<uint64_t>(g)};
+          static_cast<uint64_t>(g), static_cast<uint64_t>(fast_pool_enabled())};
       it = fns.emplace(std::make_pair(m, g), mx::detail::compile(fn, id(0), false, constants)).first;
     }
     return it->second;

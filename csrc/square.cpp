@@ -481,7 +481,7 @@ SquareOutput SquareEngine::run(
         kTag, static_cast<uint64_t>(kind), static_cast<uint64_t>(k),
         static_cast<uint64_t>(cfg.norm), static_cast<uint64_t>(cfg.loss),
         static_cast<uint64_t>(cfg.targeted), static_cast<uint64_t>(num_classes),
-        static_cast<uint64_t>(cfg.stochastic)};
+        static_cast<uint64_t>(cfg.stochastic), static_cast<uint64_t>(fast_pool_enabled())};
   };
   auto init = mx::detail::compile(
       [this, &forward, num_classes, &cfg](const std::vector<mx::array>& in) {

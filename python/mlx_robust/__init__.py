@@ -43,6 +43,7 @@ from mlx_robust.attacks import Square, SquareResult  # noqa: E402
 from mlx_robust.attacks import APGD, APGDT, CW  # noqa: E402
 from mlx_robust.defences import GaussianNoise  # noqa: E402
 from mlx_robust.evaluate import RobustnessReport, evaluate  # noqa: E402
+from mlx_robust.graph import fast_pooling_enabled, set_fast_pooling  # noqa: E402
 from mlx_robust.model import RobustModel, key  # noqa: E402
 from mlx_robust.validation import ValidationReport, validate  # noqa: E402
 from mlx_robust.smoothing import (  # noqa: E402
@@ -78,8 +79,10 @@ __all__ = [
     "distillation",
     "distributed",
     "evaluate",
+    "fast_pooling_enabled",
     "key",
     "models",
+    "set_fast_pooling",
     "train",
     "validate",
     "__version__",

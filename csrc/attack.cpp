@@ -204,7 +204,8 @@ mx::array attack_objective(
     const mx::array& y,
     LossKind loss,
     bool targeted,
-    const std::optional<mx::array>& probs) {
+    const std::optional<mx::array>& probs,
+    const std::optional<mx::array>& is_y_in) {
   auto z = mx::astype(logits, mx::float32);
   if (loss == LossKind::KL) {
     if (!probs || probs->ndim() != 2 || probs->shape(0) != z.shape(0) || probs->shape(1) != z.shape(1)) {
@@ -218,9 +219,7 @@ mx::array attack_objective(
   }
   // z_y as a masked sum rather than a gather: its gradient is elementwise (fused by compile)
   // instead of a scatter into zeros, two kernels fewer per step on the GPU; the value is exact.
-  auto yi = mx::expand_dims(mx::astype(y, mx::int32), -1);
-  auto classes = mx::expand_dims(mx::arange(z.shape(-1), mx::int32), 0);
-  auto is_y = mx::equal(classes, yi);
+  auto is_y = is_y_in ? *is_y_in : class_mask(y, z.shape(-1));
   auto zy = mx::sum(mx::where(is_y, z, mx::array(0.0f)), -1);
   if (loss == LossKind::CrossEntropy) {
     auto ce = mx::subtract(mx::logsumexp(z, -1), zy);
@@ -228,6 +227,11 @@ mx::array attack_objective(
   }
   auto other = mx::max(mx::where(is_y, mx::array(-std::numeric_limits<float>::infinity()), z), -1);
   return targeted ? mx::subtract(zy, other) : mx::subtract(other, zy);
+}
+
+mx::array class_mask(const mx::array& y, int num_classes) {
+  auto yi = mx::expand_dims(mx::astype(y, mx::int32), -1);
+  return mx::equal(mx::expand_dims(mx::arange(num_classes, mx::int32), 0), yi);
 }
 
 mx::array attack_success(const mx::array& logits, const mx::array& y, bool targeted) {
@@ -263,8 +267,10 @@ Best keep_best(const Best& old, const Best& cand, int ndim) {
 // Per step within a restart: a sample's first successful iterate is kept (x and logits); the
 // objective's value of the kept iterate is derived once, at the end of the restart.
 Best first_success(const Best& best, const mx::array& x, const mx::array& success, const mx::array& logits, int ndim) {
-  auto take = mx::logical_and(mx::logical_not(best.success), success);
-  return {mx::where(per_sample(take, ndim), x, best.x), best.loss, mx::logical_or(best.success, success),
+  // `success` feeds only the new flag, so its comparison fuses with the or: one kernel fewer a step.
+  auto now = mx::logical_or(best.success, success);
+  auto take = mx::logical_and(now, mx::logical_not(best.success));
+  return {mx::where(per_sample(take, ndim), x, best.x), best.loss, now,
           mx::where(mx::expand_dims(take, -1), logits, best.logits)};
 }
 
@@ -305,12 +311,13 @@ Evaluated check_and_score(
     const AttackConfig& cfg,
     const mx::array& step_keys,
     const mx::array& t,
-    const mx::array& probs_in) {
+    const mx::array& probs_in,
+    const std::optional<mx::array>& is_y = std::nullopt) {
   std::optional<mx::array> probs;
   if (cfg.loss == LossKind::KL) {
     probs = probs_in;
   }
-  auto objective = [&](const mx::array& z) { return attack_objective(z, y, cfg.loss, cfg.targeted, probs); };
+  auto objective = [&](const mx::array& z) { return attack_objective(z, y, cfg.loss, cfg.targeted, probs, is_y); };
   auto draw_key = cfg.stochastic ? mx::take(step_keys, t, 0) : step_keys;
   auto sc = score(forward, params, x, num_classes, cfg.stochastic, cfg.eot_samples, draw_key, objective, "attack");
   return {sc.objective, attack_success(sc.logits, y, cfg.targeted), sc.logits};
@@ -332,13 +339,15 @@ std::vector<mx::array> steps_fn(
   auto x = in[X];
   int nd = x.ndim();
   Best best{in[BX], in[BL], in[BS], in[BZ]};
+  // Built once per call: compile does not merge the steps' copies of an input-free arange.
+  auto is_y = class_mask(y, num_classes);
   for (int j = 0; j < k; ++j) {
     // Loss, success and logits ride along as values of the one forward pass (as mx.value_and_grad
     // does with aux outputs); only the summed objective is differentiated.
     std::optional<Evaluated> ev;
     auto t = mx::add(in[T0], mx::array(j, mx::int32));
     auto objective = [&](const std::vector<mx::array>& xs) -> std::vector<mx::array> {
-      ev = check_and_score(forward, params, xs[0], y, num_classes, cfg, in[STEP_KEYS], t, in[PROBS]);
+      ev = check_and_score(forward, params, xs[0], y, num_classes, cfg, in[STEP_KEYS], t, in[PROBS], is_y);
       return {mx::sum(ev->loss)};
     };
     auto grads = mx::vjp(objective, {x}, {mx::array(1.0f)}).second;

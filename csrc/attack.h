@@ -179,7 +179,12 @@ mx::array attack_objective(
     const mx::array& y,
     LossKind loss,
     bool targeted,
-    const std::optional<mx::array>& probs = std::nullopt);
+    const std::optional<mx::array>& probs = std::nullopt,
+    const std::optional<mx::array>& is_y = std::nullopt);
+
+/** (N, C) bool: column y_i of row i. Pass it to attack_objective as `is_y` to build it once for
+    several objectives (a compiled loop builds it once per call instead of once per step). */
+mx::array class_mask(const mx::array& y, int num_classes);
 
 /** Per-sample success: argmax != y (untargeted) or argmax == y (targeted). */
 mx::array attack_success(const mx::array& logits, const mx::array& y, bool targeted);

@@ -126,6 +126,26 @@ void init_validate(nb::module_& m) {
       },
       "x"_a, "sample_shape"_a = nb::none(), "lo"_a, "hi"_a, "max_indices"_a = 10, "name"_a = "x",
       "One fused pass: structure, NaN/Inf and out-of-range counts per sample.");
+  nb::class_<PendingValidation>(m, "PendingValidation", "Counts of start_validation, queued, not yet read.")
+      .def_ro("num_samples", &PendingValidation::num_samples);
+  m.def(
+      "start_validation",
+      [](const mx::array& x, const std::optional<std::vector<int>>& sample_shape, const mx::array& lo,
+         const mx::array& hi, const std::string& name) {
+        nb::gil_scoped_release nogil;
+        std::lock_guard<std::mutex> serial(core_mutex());
+        return start_validation(x, sample_shape, lo, hi, name);
+      },
+      "x"_a, "sample_shape"_a = nb::none(), "lo"_a, "hi"_a, "name"_a = "x",
+      "validate_batch's first half: structure checked now, counts queued on the device.");
+  m.def(
+      "finish_validation",
+      [](const PendingValidation& pending, int max_indices) {
+        nb::gil_scoped_release nogil;
+        std::lock_guard<std::mutex> serial(core_mutex());
+        return finish_validation(pending, max_indices);
+      },
+      "pending"_a, "max_indices"_a = 10, "validate_batch's second half: read the queued counts.");
 }
 
 void init_rewrite(nb::module_& m) {

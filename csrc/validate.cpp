@@ -92,6 +92,16 @@ ValidationReport validate_batch(
     const mx::array& hi,
     int max_indices,
     const std::string& name) {
+  return finish_validation(start_validation(x, sample_shape, lo, hi, name, false), max_indices);
+}
+
+PendingValidation start_validation(
+    const mx::array& x,
+    const std::optional<std::vector<int>>& sample_shape,
+    const mx::array& lo,
+    const mx::array& hi,
+    const std::string& name,
+    bool queue) {
   check_batch_structure(x, sample_shape, name);
   // Compiled (one cache entry per input shape and dtype): on a GPU the checks fuse into a few
   // kernels instead of a dozen, and this runs before every forward of a RobustModel.
@@ -113,11 +123,19 @@ ValidationReport validate_batch(
       },
       compile_id(), false, {});
   auto outs = counts_fn({x, lo, hi});
+  PendingValidation p{x.shape(0), outs[0], outs[1], outs[2]};
+  if (queue) {
+    mx::async_eval({p.nonfinite, p.out_of_range, p.totals});
+  }
+  return p;
+}
+
+ValidationReport finish_validation(const PendingValidation& pending, int max_indices) {
   ValidationReport r;
-  r.num_samples = x.shape(0);
-  r.nonfinite = outs[0];
-  r.out_of_range = outs[1];
-  auto totals = outs[2];
+  r.num_samples = pending.num_samples;
+  r.nonfinite = pending.nonfinite;
+  r.out_of_range = pending.out_of_range;
+  auto totals = pending.totals;
   mx::eval({r.nonfinite, r.out_of_range, totals});
   auto t = totals.data<int64_t>();
   r.total_nonfinite = t[0];

@@ -52,4 +52,27 @@ ValidationReport validate_batch(
     int max_indices = 10,
     const std::string& name = "x");
 
+/** The counts of validate_batch, queued on the device but not yet read. */
+struct PendingValidation {
+  int num_samples = 0;
+  mx::array nonfinite = mx::array(0);
+  mx::array out_of_range = mx::array(0);
+  mx::array totals = mx::array(0);
+};
+
+/**
+ * validate_batch in two halves, so that work queued after the first (an attack) need not wait for
+ * a host round trip: start_validation checks the structure (throwing as validate_batch does) and
+ * queues the counts with async_eval (not when `queue` is false: inside a graph transformation,
+ * such as mx.grad of a validated forward, MLX refuses async_eval); finish_validation reads them into the report.
+ */
+PendingValidation start_validation(
+    const mx::array& x,
+    const std::optional<std::vector<int>>& sample_shape,
+    const mx::array& lo,
+    const mx::array& hi,
+    const std::string& name = "x",
+    bool queue = true);
+ValidationReport finish_validation(const PendingValidation& pending, int max_indices = 10);
+
 } // namespace mlx_robust

@@ -383,3 +383,33 @@ def test_gradient_through_validation_still_rejects_nan(mlp, batch):
     a[2, 1, 1, 0] = NAN
     with pytest.raises(ValueError, match=r"^x contains 1 NaN/Inf value\(s\) in 1 sample\(s\); first offending samples: \[2\]"):
         mx.grad(lambda xx: mx.sum(robust(xx)))(mx.array(a))
+
+
+# --- attack(): the counts are read after the attack is queued ---------------------------------
+
+
+def test_attack_reports_the_batch_error_before_the_attacks_own(mlp, batch):
+    x, y = batch
+    robust = mr.RobustModel(mlp, input_shape=(8, 8, 1), num_classes=10)
+    bad = np.array(x).copy()
+    bad[3, 0, 0, 0] = np.nan
+    snap = snapshot(mlp)
+    with pytest.raises(ValueError, match=r"x contains 1 NaN/Inf value\(s\) in 1 sample\(s\); first offending samples: \[3\]"):
+        robust.attack(bad, y, mr.PGD(eps=0.1, steps=3))
+    # NaN and a bad key at once: the batch is named first, as when validation ran before
+    with pytest.raises(ValueError, match="x contains 1 NaN/Inf"):
+        robust.attack(bad, y, mr.PGD(eps=0.1, steps=3), key=mx.array([1, 2, 3], mx.uint32))
+    assert_unchanged(mlp, snap)
+    # the same key error alone is the key's
+    with pytest.raises(ValueError, match="key must be a PRNG key"):
+        robust.attack(x, y, mr.PGD(eps=0.1, steps=3), key=mx.array([1, 2, 3], mx.uint32))
+
+
+def test_attack_with_clip_policy_equals_attack_on_the_clipped_batch(mlp, batch):
+    x, y = batch
+    robust = mr.RobustModel(mlp, input_shape=(8, 8, 1), num_classes=10, on_invalid="clip")
+    noisy = np.array(x).copy()
+    noisy[0, 1, 1, 0], noisy[5, 2, 2, 0] = 1.7, -0.4
+    a = robust.attack(noisy, y, mr.PGD(eps=0.1, steps=3), key=mr.key(0))
+    b = robust.attack(np.clip(noisy, 0.0, 1.0), y, mr.PGD(eps=0.1, steps=3), key=mr.key(0))
+    assert mx.array_equal(a.x_adv, b.x_adv).item()

@@ -37,6 +37,22 @@ def validate_batch(
     )
 
 
+def start_validation(x: mx.array, sample_shape: Optional[Sequence[int]], lo: float, hi: float, name: str):
+    """validate_batch's first half: structure checked now, the counts queued on the device."""
+    return _core.start_validation(
+        x,
+        None if sample_shape is None else list(sample_shape),
+        lo=mx.array(lo, mx.float32),
+        hi=mx.array(hi, mx.float32),
+        name=name,
+    )
+
+
+def finish_validation(pending) -> ValidationReport:
+    """validate_batch's second half: read the queued counts into the report."""
+    return _core.finish_validation(pending)
+
+
 def _module_modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
     return [(m, m.training) for _, m in model.named_modules()]
 

@@ -13,7 +13,7 @@ from mlx_robust import _functional
 from mlx_robust.attacks import PGD, Attack, AttackResult
 from mlx_robust.defences import GaussianNoise
 from mlx_robust.smoothing import Certification, Smoothing
-from mlx_robust.validation import POLICIES, ValidationReport, as_labels, check_bounds, validate
+from mlx_robust.validation import POLICIES, ValidationReport, as_labels, check_bounds, validate, validate_deferred
 
 
 def key(seed: int) -> mx.array:
@@ -200,7 +200,20 @@ class RobustModel:
         attack = PGD() if attack is None else attack
         if not isinstance(attack, Attack):
             raise TypeError(f"attack must be an attack configuration such as mr.PGD(...), got {type(attack).__name__}")
-        x, _ = self.validate(x)
+        # The counts are read after the attack is queued (no device round trip before it); a bad
+        # batch still raises validate's error, before any error the attack itself ran into.
+        x, finish_validation = validate_deferred(
+            x, bounds=self.bounds, input_shape=self.input_shape, policy=self.on_invalid, name="x"
+        )
+        try:
+            result = self._attack(x, y, attack, y_target, key, batch_size, progress)
+        except Exception:
+            finish_validation()
+            raise
+        finish_validation()
+        return result
+
+    def _attack(self, x, y, attack, y_target, key, batch_size, progress) -> AttackResult:
         n = x.shape[0]
         if self._num_classes is None:
             with _functional.preserved(self.model, training=False):

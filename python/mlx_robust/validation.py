@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -99,6 +99,42 @@ def validate(
     lo, hi = check_bounds(bounds)
     arr = as_batch(x, name)
     report = _functional.validate_batch(arr, input_shape, lo, hi, name)
+    _raise_for(report, policy, lo, hi, name)
+    if report.total_out_of_range:  # policy "clip" (else _raise_for raised)
+        arr = mx.clip(arr, lo, hi)
+    return arr, report
+
+
+def validate_deferred(
+    x: Any,
+    *,
+    bounds: tuple[float, float] = (0.0, 1.0),
+    input_shape: Optional[Sequence[int]] = None,
+    policy: str = "raise",
+    name: str = "x",
+) -> tuple[mx.array, Callable[[], ValidationReport]]:
+    """:func:`validate` without the wait: the structure is checked now (raising as ``validate``
+    does), the counts are queued on the device, and ``finish()`` reads them and raises what
+    ``validate`` would have raised. Work queued before ``finish()`` (an attack) then does not wait
+    for a device round trip; its result must be discarded if ``finish()`` raises.
+
+    With policy "clip" the returned batch is clipped into ``bounds`` (a no-op for valid values).
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    lo, hi = check_bounds(bounds)
+    arr = as_batch(x, name)
+    pending = _functional.start_validation(arr, input_shape, lo, hi, name)
+
+    def finish() -> ValidationReport:
+        report = _functional.finish_validation(pending)
+        _raise_for(report, policy, lo, hi, name)
+        return report
+
+    return (mx.clip(arr, lo, hi) if policy == "clip" else arr), finish
+
+
+def _raise_for(report: ValidationReport, policy: str, lo: float, hi: float, name: str) -> None:
     if report.total_nonfinite:
         raise ValueError(
             f"{name} contains {report.total_nonfinite} NaN/Inf value(s) in "
@@ -106,12 +142,9 @@ def validate(
             f"{list(report.nonfinite_samples)}"
         )
     if report.total_out_of_range:
-        if policy == "clip":
-            arr = mx.clip(arr, lo, hi)
-        else:
+        if policy != "clip":
             raise ValueError(
                 f"{name} has {report.total_out_of_range} value(s) outside the bounds [{lo}, {hi}] in "
                 f"{int(mx.sum(report.out_of_range > 0).item())} sample(s); first offending samples: "
                 f"{list(report.out_of_range_samples)} (use on_invalid='clip' to clip them)"
             )
-    return arr, report

@@ -11,22 +11,24 @@ those of ``nn.MaxPool2d`` (ties after a ReLU are common, and ``max``'s gradient 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from profile_layers import median_ms  # noqa: E402
 
-def median_ms(fn, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3
+
+def measure(fwd, both, x, ref: list, reps: int) -> tuple[float, float, bool]:
+    """(fwd ms, fwd+bwd ms, gradient == the first variant's); the first call fills ``ref``."""
+    g = both(x)
+    mx.eval(g)
+    if not ref:
+        ref.append(g)
+    same = bool(mx.array_equal(g, ref[0]).item())
+    return median_ms(lambda: mx.eval(fwd(x)), reps), median_ms(lambda: mx.eval(both(x)), reps), same
 
 
 def pool_nn(x):
@@ -101,21 +103,15 @@ def main() -> None:
             x = nn.relu(mx.random.normal((args.batch, *shape)))
         wt = mx.random.normal((args.batch, shape[0] // 2, shape[1] // 2, shape[2]))
         mx.eval(x, wt)
-        ref = None
+        ref = []
         for name, f in VARIANTS.items():
             fwd = mx.compile(lambda x, f=f: f(nn.relu(x)))
             both = mx.compile(mx.grad(lambda x, f=f: mx.sum(f(nn.relu(x)) * wt)))
-            g = both(x)
-            mx.eval(g)
-            if ref is None:
-                ref = g
-            same = bool(mx.array_equal(g, ref).item())
-            tf = median_ms(lambda: mx.eval(fwd(x)), args.reps)
-            tb = median_ms(lambda: mx.eval(both(x)), args.reps)
+            tf, tb, same = measure(fwd, both, x, ref, args.reps)
             print(f"| {shape}{' ties' if ties else ''} | {name} | {tf:.3f} | {tb:.3f} | {same} |")
     print("\n| whole CNN (28x28x1) | fwd | fwd+bwd | grad == nn.MaxPool2d's |")
     print("|---|---|---|---|")
-    ref = None
+    ref = []
     mx.random.seed(1)
     x = mx.random.uniform(shape=(args.batch, 28, 28, 1))
     base = CNN(pool_nn)
@@ -125,13 +121,7 @@ def main() -> None:
         m.update(base.parameters())
         fwd = mx.compile(lambda x, m=m: m(x), inputs=m.state)
         both = mx.compile(mx.grad(lambda x, m=m: mx.sum(m(x))), inputs=m.state)
-        g = both(x)
-        mx.eval(g)
-        if ref is None:
-            ref = g
-        same = bool(mx.array_equal(g, ref).item())
-        tf = median_ms(lambda: mx.eval(fwd(x)), args.reps)
-        tb = median_ms(lambda: mx.eval(both(x)), args.reps)
+        tf, tb, same = measure(fwd, both, x, ref, args.reps)
         print(f"| {name} | {tf:.3f} | {tb:.3f} | {same} |")
 
 

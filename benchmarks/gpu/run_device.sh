@@ -43,7 +43,7 @@ if [ "$mode" != bench ]; then
   $py -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$out/pytest.txt" | tail -15
 fi
 if [ "$mode" != tests ]; then
-  for b in benchmarks/bench_*.py benchmarks/gpu/profile_layers.py; do
+  for b in benchmarks/bench_*.py benchmarks/gpu/profile_layers.py benchmarks/gpu/profile_pool.py; do
     echo "== $b =="
     $py "$b" 2>&1 | tee "$out/$(basename "$b" .py).txt"
   done

@@ -323,6 +323,13 @@ Evaluated check_and_score(
   return {sc.objective, attack_success(sc.logits, y, cfg.targeted), sc.logits};
 }
 
+// Deterministic models with best-iterate tracking: a sample's x stops at its first success, so no
+// best x or logits travel per step (two selects and a flag a step fewer); a random model's success
+// is judged on one draw and must be kept with that draw's logits, as must untracked training steps.
+bool freezes(const AttackConfig& cfg) {
+  return cfg.track_best && !cfg.stochastic;
+}
+
 std::vector<mx::array> slice_params(const std::vector<mx::array>& in) {
   return std::vector<mx::array>(in.begin() + NUM_SLOTS, in.end());
 }
@@ -351,6 +358,15 @@ std::vector<mx::array> steps_fn(
       return {mx::sum(ev->loss)};
     };
     auto grads = mx::vjp(objective, {x}, {mx::array(1.0f)}).second;
+    auto next = project(ascent_step(x, grads[0], in[ALPHA], cfg.norm), in[X0], in[EPS], in[LO], in[HI], cfg.norm);
+    if (freezes(cfg)) {
+      // A deterministic model's sample stops moving at its first success: x itself is the kept
+      // iterate (the select fuses into the step's kernel), and final_fn scores it once.
+      best.success = mx::logical_or(best.success, ev->success);
+      x = mx::where(per_sample(best.success, nd), x, next);
+      best.x = x;
+      continue;
+    }
     if (cfg.track_best) {
       // Within a restart: each sample's first successful iterate. The objective's value is not
       // carried per step (final_fn derives it from the kept logits): on the GPU, carrying it cost
@@ -359,7 +375,7 @@ std::vector<mx::array> steps_fn(
     } else {
       best = {x, ev->loss, ev->success, ev->logits};
     }
-    x = project(ascent_step(x, grads[0], in[ALPHA], cfg.norm), in[X0], in[EPS], in[LO], in[HI], cfg.norm);
+    x = next;
   }
   return {x, best.x, best.loss, best.success, best.logits};
 }
@@ -373,7 +389,7 @@ std::vector<mx::array> final_fn(
   auto params = slice_params(in);
   auto ev = check_and_score(forward, params, in[X], in[Y], num_classes, cfg, in[STEP_KEYS], in[T0], in[PROBS]);
   Best best{in[X], ev.loss, ev.success, ev.logits};
-  if (cfg.track_best) {
+  if (cfg.track_best && !freezes(cfg)) {
     best = finish_restart({in[BX], in[BL], in[BS], in[BZ]}, best, in[Y], cfg, in[PROBS], in[X].ndim());
   }
   return {in[X], best.x, best.loss, best.success, best.logits};
@@ -584,7 +600,9 @@ AttackOutput AttackEngine::run(
 
       // Merge the working batch's best into the full arrays (first occurrence of each row).
       auto flush = [&](bool restart_done) {
-        Best cand{state[1], state[2], state[3], state[4]};
+        // Frozen samples' kept iterates are x itself; mid-restart they are scored here (final_fn).
+        const auto& st = freezes(cfg) && !restart_done ? finish(inputs_of(state)) : state;
+        Best cand{st[1], st[2], st[3], st[4]};
         if (cfg.track_best && !restart_done) {
           // Mid-restart (rows leaving on early stop): the objective of the kept iterates, and
           // no claim for rows not yet successful.

@@ -204,15 +204,18 @@ def test_result_is_scored_at_the_returned_x_adv(cnn, digits):
     x, y = digits[2][:128], digits[3][:128]
     robust = _robust(cnn)
     cnn.eval()
+    # On a GPU the eager forward may pick other (TF32) convolution kernels than the compiled step;
+    # a stale result (the bug this guards against) was off by 0.33.
+    tol = 1e-4 if mx.default_device() == mx.cpu else 5e-3
     for early_stop in (False, True, False):
         res = robust.attack(x, y, mr.PGD(eps=0.15, steps=12, restarts=2, unroll=2, early_stop=early_stop),
                             key=mr.key(5))
         z = cnn(res.x_adv)
-        np.testing.assert_allclose(np.array(res.logits), np.array(z), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(np.array(res.logits), np.array(z), rtol=tol, atol=tol)
         pred = np.array(mx.argmax(res.logits, axis=-1))
         assert np.array_equal(np.array(res.success), pred != np.array(y))
         ce = np.array(nn.losses.cross_entropy(res.logits, mx.array(y), reduction="none"))
-        np.testing.assert_allclose(np.array(res.loss), ce, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(np.array(res.loss), ce, rtol=tol, atol=tol)
         assert 0 < res.success.sum().item() < 128
 
 

@@ -1,7 +1,9 @@
 """Which GPU kernels a library PGD call runs, and for how long (CUPTI via torch.profiler).
 
 torch's profiler records every CUDA kernel in the process, MLX's included, so it can list what
-mlx-robust's compiled loop launches per call: kernel names, counts and total GPU time.
+mlx-robust's compiled loop launches per call: kernel names, counts and total GPU time. MLX launches
+kernels through CUDA graphs, of which CUPTI recorded about half on an H100 (20 of the 40 steps'
+convolutions per call): read counts and times as lower bounds and compare them with each other.
 
     python benchmarks/gpu/profile_kernels.py [--model cnn|mlp] [--batch 128] [--steps 40]
 """

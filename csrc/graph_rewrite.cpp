@@ -106,8 +106,13 @@ mx::array window_max(const mx::array& x, const std::vector<int>& ks, mx::Stream 
   return mx::custom_vjp(fwd, vjp)({x})[0];
 }
 
-/** If `r` is max(transpose(reshape(x))) over non-overlapping windows, its replacement. */
-std::optional<mx::array> match(const mx::array& r) {
+struct Match {
+  mx::array replacement;
+  mx::array pooled;  // x: the rewrite continues below it
+};
+
+/** If `r` is max(transpose(reshape(x))) over non-overlapping windows: its replacement and x. */
+std::optional<Match> match(const mx::array& r) {
   if (!pending(r)) {
     return std::nullopt;
   }
@@ -165,7 +170,7 @@ std::optional<mx::array> match(const mx::array& r) {
     return std::nullopt;
   }
   auto s = r.primitive().stream();
-  return mx::reshape(window_max(x, ks, s), r.shape(), s);
+  return Match{mx::reshape(window_max(x, ks, s), r.shape(), s), x};
 }
 
 } // namespace
@@ -187,10 +192,10 @@ mx::array rewrite_window_max(const mx::array& out) {
   if (!fast_pool_enabled()) {
     return out;
   }
-  std::unordered_map<std::uintptr_t, mx::array> repl;
+  std::unordered_map<std::uintptr_t, Match> repl;
   std::unordered_set<std::uintptr_t> seen;
-  // The replacement of `a` (memoised), or nullopt when `a` is no window max.
-  auto replacement = [&](const mx::array& a) -> std::optional<mx::array> {
+  // The match of `a` (memoised), or nullopt when `a` is no window max.
+  auto replacement = [&](const mx::array& a) -> std::optional<Match> {
     if (auto it = repl.find(a.id()); it != repl.end()) {
       return it->second;
     }
@@ -204,9 +209,8 @@ mx::array rewrite_window_max(const mx::array& out) {
   mx::array root = out;
   std::vector<mx::array> stack;
   if (auto m = replacement(out)) {
-    root = *m;
-    // Continue below the pooled input: its graph may hold more windows.
-    stack.push_back(out.inputs()[0].inputs()[0].inputs()[0]);
+    root = m->replacement;
+    stack.push_back(m->pooled);  // its graph may hold more windows
   } else {
     stack.push_back(out);
   }
@@ -226,9 +230,9 @@ mx::array rewrite_window_max(const mx::array& out) {
       mx::array in = a.inputs()[i];
       if (auto m = replacement(in)) {
         for (auto& g : group) {
-          g.inputs()[i] = *m;
+          g.inputs()[i] = m->replacement;
         }
-        stack.push_back(in.inputs()[0].inputs()[0].inputs()[0]);
+        stack.push_back(m->pooled);
       } else {
         stack.push_back(in);
       }

@@ -24,31 +24,31 @@ def check_batch_structure(x: mx.array, sample_shape: Optional[Sequence[int]], na
     _core.check_batch_structure(x, None if sample_shape is None else list(sample_shape), name)
 
 
+def _validation_args(x: mx.array, sample_shape: Optional[Sequence[int]], lo: float, hi: float, name: str) -> dict:
+    return dict(
+        x=x,
+        sample_shape=None if sample_shape is None else list(sample_shape),
+        lo=mx.array(lo, mx.float32),
+        hi=mx.array(hi, mx.float32),
+        name=name,
+    )
+
+
 def validate_batch(
     x: mx.array, sample_shape: Optional[Sequence[int]], lo: float, hi: float, name: str
 ) -> ValidationReport:
     """One fused C++ pass: structure, NaN/Inf and out-of-range counts per sample."""
-    return _core.validate_batch(
-        x,
-        None if sample_shape is None else list(sample_shape),
-        lo=mx.array(lo, mx.float32),
-        hi=mx.array(hi, mx.float32),
-        name=name,
-    )
+    return _core.validate_batch(**_validation_args(x, sample_shape, lo, hi, name))
 
 
-def start_validation(x: mx.array, sample_shape: Optional[Sequence[int]], lo: float, hi: float, name: str):
+def start_validation(
+    x: mx.array, sample_shape: Optional[Sequence[int]], lo: float, hi: float, name: str
+) -> "_core.PendingValidation":
     """validate_batch's first half: structure checked now, the counts queued on the device."""
-    return _core.start_validation(
-        x,
-        None if sample_shape is None else list(sample_shape),
-        lo=mx.array(lo, mx.float32),
-        hi=mx.array(hi, mx.float32),
-        name=name,
-    )
+    return _core.start_validation(**_validation_args(x, sample_shape, lo, hi, name))
 
 
-def finish_validation(pending) -> ValidationReport:
+def finish_validation(pending: "_core.PendingValidation") -> ValidationReport:
     """validate_batch's second half: read the queued counts into the report."""
     return _core.finish_validation(pending)
 

@@ -94,10 +94,7 @@ def validate(
     Raises:
         TypeError: non-floating dtype. ValueError: everything else above.
     """
-    if policy not in POLICIES:
-        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-    lo, hi = check_bounds(bounds)
-    arr = as_batch(x, name)
+    arr, lo, hi = _prepare(x, bounds, policy, name)
     report = _functional.validate_batch(arr, input_shape, lo, hi, name)
     _raise_for(report, policy, lo, hi, name)
     if report.total_out_of_range:  # policy "clip" (else _raise_for raised)
@@ -120,10 +117,7 @@ def validate_deferred(
 
     With policy "clip" the returned batch is clipped into ``bounds`` (a no-op for valid values).
     """
-    if policy not in POLICIES:
-        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-    lo, hi = check_bounds(bounds)
-    arr = as_batch(x, name)
+    arr, lo, hi = _prepare(x, bounds, policy, name)
     pending = _functional.start_validation(arr, input_shape, lo, hi, name)
 
     def finish() -> ValidationReport:
@@ -132,6 +126,14 @@ def validate_deferred(
         return report
 
     return (mx.clip(arr, lo, hi) if policy == "clip" else arr), finish
+
+
+def _prepare(x: Any, bounds: tuple[float, float], policy: str, name: str) -> tuple[mx.array, float, float]:
+    """The checks of validate's arguments that read no data: policy, bounds, conversion to a batch."""
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    lo, hi = check_bounds(bounds)
+    return as_batch(x, name), lo, hi
 
 
 def _raise_for(report: ValidationReport, policy: str, lo: float, hi: float, name: str) -> None:

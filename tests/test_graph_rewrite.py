@@ -16,11 +16,14 @@ import mlx_robust as mr
 from mlx_robust import _core
 
 
-@pytest.fixture
-def fast_pool_off_after():
-    """Restore the default (on) whatever the test did."""
-    yield
+@pytest.fixture(autouse=True)
+def fast_pool_on():
+    """Each test starts with the rewrite on (whatever MLX_ROBUST_FAST_POOL said) and leaves the
+    setting as it found it."""
+    before = mr.fast_pooling_enabled()
     mr.set_fast_pooling(True)
+    yield
+    mr.set_fast_pooling(before)
 
 
 def _pool(d, k):
@@ -131,7 +134,8 @@ def test_integer_and_evaluated_graphs_are_left_alone():
     assert _core.rewrite_window_max(p * 2)[1] == 0
 
 
-def test_switch_and_disabled_path(fast_pool_off_after):
+def test_switch_and_disabled_path():
+    mr.set_fast_pooling(True)
     assert mr.fast_pooling_enabled()
     mr.set_fast_pooling(False)
     assert not mr.fast_pooling_enabled()
@@ -151,7 +155,7 @@ def test_switch_and_disabled_path(fast_pool_off_after):
     ],
     ids=["pgd-linf", "pgd-l2", "fgsm", "apgd", "cw"],
 )
-def test_attacks_identical_with_and_without_rewrite(cnn, batch, attack, fast_pool_off_after):
+def test_attacks_identical_with_and_without_rewrite(cnn, batch, attack):
     x, y = batch
     robust = mr.RobustModel(cnn, input_shape=(8, 8, 1), num_classes=10)
     on = robust.attack(x, y, attack, key=mr.key(3))
@@ -165,7 +169,7 @@ def test_attacks_identical_with_and_without_rewrite(cnn, batch, attack, fast_poo
     assert robust._fn.trace_count > traces  # compiled functions are keyed on the setting
 
 
-def test_smoothing_counts_identical_with_and_without_rewrite(cnn, batch, fast_pool_off_after):
+def test_smoothing_counts_identical_with_and_without_rewrite(cnn, batch):
     x, _ = batch
     fn = mr.RobustModel(cnn, input_shape=(8, 8, 1), num_classes=10)._smooth_fn
     keys = mr.smoothing.sample_keys(mr.key(5), 3)

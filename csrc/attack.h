@@ -197,9 +197,9 @@ struct AttackConfig {
   bool random_start = true;
   bool targeted = false;
   /** Keep, per sample, the first successful iterate of a restart, else its last iterate; across
-      restarts, the first success, else the highest objective. (Without early stop, a deterministic
-      model's sample simply stops moving at its first success and is scored at the end.) false: the last iterate of the
-      last restart (adversarial training). */
+      restarts, the first success, else the highest objective (without early stop, a deterministic
+      model's sample simply stops moving at its first success and is scored at the end).
+      false: the last iterate of the last restart (adversarial training). */
   bool track_best = true;
   /** Drop succeeded samples from the active batch (requires track_best; results unchanged). */
   bool early_stop = false;

@@ -132,6 +132,7 @@ enum Slot : int {
   LO,
   HI,
   KEYS,   // (steps + 1, 2): draw keys of a stochastic model (key 0 scores the start)
+  ROWS,   // (N,): global sample indices (key a stochastic model's per-row draws)
   CKPT,   // (steps,): interval length at the steps that end at a checkpoint, else 0
   RHO,
   T0,
@@ -139,7 +140,7 @@ enum Slot : int {
 };
 
 // Inputs of the run's first evaluation (at the random start).
-enum InitSlot : int { I_START = 0, I_X0, I_Y, I_TGT, I_EPS, I_LO, I_HI, I_KEYS, I_NUM };
+enum InitSlot : int { I_START = 0, I_X0, I_Y, I_TGT, I_EPS, I_LO, I_HI, I_KEYS, I_ROWS, I_NUM };
 
 struct Best {
   mx::array x, loss, success, logits;
@@ -189,11 +190,12 @@ Point evaluate_with_grad(
     const ApgdConfig& cfg,
     const mx::array& y,
     const mx::array& tgt,
-    const mx::array& draw_key) {
+    const mx::array& draw_key,
+    const mx::array& rows) {
   std::optional<Scored> sc;
   auto objective = objective_for(cfg, y, tgt);
   auto fn = [&](const std::vector<mx::array>& xs) -> std::vector<mx::array> {
-    sc = score(forward, params, xs[0], num_classes, cfg.stochastic, cfg.eot_samples, draw_key,
+    sc = score(forward, params, xs[0], num_classes, cfg.stochastic, cfg.eot_samples, draw_key, rows,
                       objective, "apgd");
     return {mx::sum(sc->objective)};
   };
@@ -213,7 +215,7 @@ std::vector<mx::array> init_fn(
   std::vector<mx::array> params(in.begin() + I_NUM, in.end());
   const auto& x = in[I_START];
   auto p = evaluate_with_grad(forward, params, x, num_classes, cfg, in[I_Y], in[I_TGT],
-                              draw_key_at(cfg, in[I_KEYS], mx::array(0, mx::int32)));
+                              draw_key_at(cfg, in[I_KEYS], mx::array(0, mx::int32)), in[I_ROWS]);
   const int n = x.shape(0);
   auto eta = mx::multiply(in[I_EPS], mx::array(2.0f));
   return {x, x, p.grad, eta, x, p.loss, p.grad, p.loss, mx::zeros({n}, mx::float32), p.loss,
@@ -241,7 +243,7 @@ std::vector<mx::array> steps_fn(
                 mx::multiply(mx::subtract(mx::array(1.0f), a), mx::subtract(s[X], s[XP]))));
     auto x = project(moved, x0, eps, in[LO], in[HI], cfg.norm);
     auto p = evaluate_with_grad(forward, params, x, num_classes, cfg, in[Y], in[TGT],
-                                draw_key_at(cfg, in[KEYS], mx::add(t, mx::array(1, mx::int32))));
+                                draw_key_at(cfg, in[KEYS], mx::add(t, mx::array(1, mx::int32))), in[ROWS]);
 
     Best r = keep_best({s[RX], s[RL], s[RS], s[RZ]}, {x, p.loss, p.success, p.logits}, nd);
     auto ni = mx::add(s[NI], mx::astype(mx::greater(p.loss, s[LP]), mx::float32));
@@ -323,9 +325,11 @@ AttackOutput ApgdEngine::run(
     const mx::array& hi,
     int num_classes,
     const ApgdConfig& cfg,
-    const mx::array& key) {
+    const mx::array& key,
+    const std::optional<mx::array>& rows_in) {
   suite::check_batch(x0_in, y_in, num_classes, "apgd");
   const int n = x0_in.shape(0);
+  auto sample_idx = sample_rows(rows_in, n, "apgd");
   if (eps_in.ndim() != 1 || eps_in.shape(0) != n) {
     throw std::invalid_argument("[apgd] eps must have shape (N,)");
   }
@@ -383,9 +387,9 @@ AttackOutput ApgdEngine::run(
   auto clean_fn = mx::detail::compile(
       [this, &forward, num_classes, &cfg](const std::vector<mx::array>& in) {
         traces_++;
-        std::vector<mx::array> params(in.begin() + 2, in.end());
+        std::vector<mx::array> params(in.begin() + 3, in.end());
         return std::vector<mx::array>{
-            score(forward, params, in[0], num_classes, cfg.stochastic, cfg.eot_samples, in[1],
+            score(forward, params, in[0], num_classes, cfg.stochastic, cfg.eot_samples, in[1], in[2],
                          nullptr, "apgd").logits};
       },
       id(0), false, constants(0, 0));
@@ -428,7 +432,7 @@ AttackOutput ApgdEngine::run(
   std::optional<Best> full;
   try {
     // Samples misclassified at x are not attacked (and keep x), as in the authors' code.
-    std::vector<mx::array> clean_in{x0, mx::take(streams, 2, 0)};
+    std::vector<mx::array> clean_in{x0, mx::take(streams, 2, 0), sample_idx};
     clean_in.insert(clean_in.end(), params.begin(), params.end());
     auto logits0 = clean_fn(clean_in)[0];
     std::optional<mx::array> ranked;  // APGD-T: classes by clean logit, ascending
@@ -467,7 +471,7 @@ AttackOutput ApgdEngine::run(
       std::vector<int> rows;
       bool identity = false;
       std::vector<mx::array> state;
-      std::vector<mx::array> fixed;  // x0, y, tgt, eps, lo, hi, keys, ckpt, rho
+      std::vector<mx::array> fixed;  // x0, y, tgt, eps, lo, hi, keys, rows, ckpt, rho
       int done = 0;
       auto select = [&]() {
         int size = static_cast<int>(active.size()) == n ? n : std::min(n, next_pow2(active.size()));
@@ -481,7 +485,8 @@ AttackOutput ApgdEngine::run(
         }
         auto idx = mx::array(new_rows.data(), {size}, mx::int32);
         auto rows_of = [&](const mx::array& a) { return identity ? a : take_rows(a, idx); };
-        fixed = {rows_of(x0), rows_of(y), rows_of(tgt_all), rows_of(eps), lo32, hi32, step_keys, ckpt, rho};
+        fixed = {rows_of(x0), rows_of(y), rows_of(tgt_all), rows_of(eps), lo32, hi32, step_keys,
+                 rows_of(sample_idx), ckpt, rho};
         return std::make_pair(new_rows, rows_of(start_all));
       };
       {

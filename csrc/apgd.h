@@ -110,7 +110,8 @@ class ApgdEngine : public CompiledEngine {
       const mx::array& hi,
       int num_classes,
       const ApgdConfig& config,
-      const mx::array& key);
+      const mx::array& key,
+      const std::optional<mx::array>& rows = std::nullopt);
 };
 
 } // namespace mlx_robust

@@ -147,6 +147,28 @@ mx::array checked_logits(
   return mx::astype(logits, mx::float32);
 }
 
+mx::array row_keys(const mx::array& draw_key, const mx::array& rows) {
+  // Mix the index into the key's second word, then hash each row's key through the PRNG (one
+  // threefry block per row, batched by vmap: mx::random::bits takes a single key).
+  auto k = mx::astype(draw_key, mx::uint32);
+  auto r = mx::astype(rows, mx::uint32);
+  auto mixed = mx::stack(
+      {mx::broadcast_to(mx::take(k, 0, 0), r.shape()), mx::bitwise_xor(mx::take(k, 1, 0), r)}, -1);
+  auto hash = mx::vmap([](const mx::array& key) { return mx::random::bits({2}, 4, key); });
+  return hash(mixed);
+}
+
+mx::array sample_rows(const std::optional<mx::array>& rows, int n, const char* where) {
+  if (!rows) {
+    return mx::arange(n, mx::uint32);
+  }
+  if (rows->ndim() != 1 || rows->shape(0) != n || !mx::issubdtype(rows->dtype(), mx::integer)) {
+    throw std::invalid_argument(std::string("[") + where + "] rows must be integer sample indices of shape (" +
+                                std::to_string(n) + ",), got " + shape_string(*rows));
+  }
+  return mx::astype(*rows, mx::uint32);
+}
+
 Scored score(
     const ForwardFn& forward,
     const std::vector<mx::array>& params,
@@ -155,6 +177,7 @@ Scored score(
     bool stochastic,
     int eot_samples,
     const mx::array& draw_key,
+    const mx::array& rows,
     const ObjectiveFn& objective,
     const char* where) {
   auto objective_of = [&](const mx::array& z) {
@@ -168,7 +191,7 @@ Scored score(
   std::optional<mx::array> total, logits;
   for (int e = 0; e < eot_samples; ++e) {
     std::vector<mx::array> p(params);
-    p.push_back(mx::take(draws, e, 0));  // the trailing parameter of a stochastic forward
+    p.push_back(row_keys(mx::take(draws, e, 0), rows));  // the trailing parameter of a stochastic forward
     auto z = checked_logits(forward, p, x, num_classes, where);
     auto l = objective_of(z);
     total = total ? mx::add(*total, l) : l;
@@ -245,7 +268,8 @@ namespace {
 // Compiled-function input layout.
 // STEP_KEYS (steps + 1, 2): one key per step of a stochastic model; T0: index of the chunk's first step.
 // PROBS (N, C): clean probabilities for the KL objective, a dummy otherwise.
-enum Slot : int { X = 0, BX, BL, BS, BZ, X0, Y, EPS, ALPHA, LO, HI, STEP_KEYS, PROBS, T0, NUM_SLOTS };
+// ROWS (N,): each row's global sample index (keys a stochastic model's per-row draws).
+enum Slot : int { X = 0, BX, BL, BS, BZ, X0, Y, EPS, ALPHA, LO, HI, STEP_KEYS, PROBS, ROWS, T0, NUM_SLOTS };
 
 struct Best {
   mx::array x, loss, success, logits;
@@ -312,6 +336,7 @@ Evaluated check_and_score(
     const mx::array& step_keys,
     const mx::array& t,
     const mx::array& probs_in,
+    const mx::array& rows,
     const std::optional<mx::array>& is_y = std::nullopt) {
   std::optional<mx::array> probs;
   if (cfg.loss == LossKind::KL) {
@@ -319,7 +344,7 @@ Evaluated check_and_score(
   }
   auto objective = [&](const mx::array& z) { return attack_objective(z, y, cfg.loss, cfg.targeted, probs, is_y); };
   auto draw_key = cfg.stochastic ? mx::take(step_keys, t, 0) : step_keys;
-  auto sc = score(forward, params, x, num_classes, cfg.stochastic, cfg.eot_samples, draw_key, objective, "attack");
+  auto sc = score(forward, params, x, num_classes, cfg.stochastic, cfg.eot_samples, draw_key, rows, objective, "attack");
   return {sc.objective, attack_success(sc.logits, y, cfg.targeted), sc.logits};
 }
 
@@ -356,7 +381,7 @@ std::vector<mx::array> steps_fn(
     std::optional<Evaluated> ev;
     auto t = mx::add(in[T0], mx::array(j, mx::int32));
     auto objective = [&](const std::vector<mx::array>& xs) -> std::vector<mx::array> {
-      ev = check_and_score(forward, params, xs[0], y, num_classes, cfg, in[STEP_KEYS], t, in[PROBS], is_y);
+      ev = check_and_score(forward, params, xs[0], y, num_classes, cfg, in[STEP_KEYS], t, in[PROBS], in[ROWS], is_y);
       return {mx::sum(ev->loss)};
     };
     auto grads = mx::vjp(objective, {x}, {mx::array(1.0f)}).second;
@@ -389,7 +414,7 @@ std::vector<mx::array> final_fn(
     int num_classes,
     const AttackConfig& cfg) {
   auto params = slice_params(in);
-  auto ev = check_and_score(forward, params, in[X], in[Y], num_classes, cfg, in[STEP_KEYS], in[T0], in[PROBS]);
+  auto ev = check_and_score(forward, params, in[X], in[Y], num_classes, cfg, in[STEP_KEYS], in[T0], in[PROBS], in[ROWS]);
   Best best{in[X], ev.loss, ev.success, ev.logits};
   if (cfg.track_best && !freezes(cfg)) {
     best = finish_restart({in[BX], in[BL], in[BS], in[BZ]}, best, in[Y], cfg, in[PROBS], in[X].ndim());
@@ -415,7 +440,8 @@ AttackOutput AttackEngine::run(
     int num_classes,
     const AttackConfig& cfg,
     const mx::array& key,
-    const std::optional<mx::array>& probs_in) {
+    const std::optional<mx::array>& probs_in,
+    const std::optional<mx::array>& rows_in) {
   PhaseTimer timer;
   // Argument checks: the Python layer checks first, but this layer never trusts its caller.
   if (x0_in.ndim() < 2 || x0_in.shape(0) < 1) {
@@ -454,6 +480,7 @@ AttackOutput AttackEngine::run(
   if (cfg.unroll < 0) {
     throw std::invalid_argument("[attack] unroll must be >= 0");
   }
+  auto sample_idx = sample_rows(rows_in, n, "attack");
 
   std::lock_guard<std::mutex> serial(core_mutex());
   drain_released();  // before this engine's address can be reused by a new engine's ids
@@ -583,7 +610,7 @@ AttackOutput AttackEngine::run(
           state = s;
         }
         fixed = {rows_of(x0), rows_of(y), rows_of(eps), rows_of(alpha), lo32, hi32, step_keys,
-                 cfg.loss == LossKind::KL ? rows_of(probs) : probs};
+                 cfg.loss == LossKind::KL ? rows_of(probs) : probs, rows_of(sample_idx)};
         rows = new_rows;
       };
       gather({}, true);

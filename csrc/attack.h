@@ -140,8 +140,23 @@ struct Scored {
 };
 
 /**
+ * Per-row draw keys (N, 2) uint32 for a stochastic model: row i's key depends only on `draw_key`
+ * (2,) and rows[i], the sample's global index (N,), so its draw is the same whatever batch, working
+ * batch or position it is evaluated in. A random defence draws row i from key i
+ * (``GaussianNoise.apply`` with an (N, 2) key).
+ */
+mx::array row_keys(const mx::array& draw_key, const mx::array& rows);
+
+/**
+ * Global sample indices (N,) uint32 for an engine: `rows` if given (checked: shape (N,), integer),
+ * else 0..N-1. Throws std::invalid_argument("[<where>] rows must ...").
+ */
+mx::array sample_rows(const std::optional<mx::array>& rows, int n, const char* where);
+
+/**
  * Score x once (deterministic model) or as the mean over `eot_samples` draws of a stochastic
- * model (EOT, Athalye et al. 2018), whose trailing parameter is a key split from `draw_key`.
+ * model (EOT, Athalye et al. 2018), whose trailing parameter is row_keys(k_e, rows) for keys k_e
+ * split from `draw_key`: every sample's draws depend only on `draw_key` and its global index.
  * `where` names the attack in error messages. Every gradient engine scores through this.
  */
 Scored score(
@@ -152,6 +167,7 @@ Scored score(
     bool stochastic,
     int eot_samples,
     const mx::array& draw_key,
+    const mx::array& rows,
     const ObjectiveFn& objective,
     const char* where);
 
@@ -205,8 +221,9 @@ struct AttackConfig {
   bool early_stop = false;
   /** Steps per compiled call; 0 picks it by timing one step per input shape. */
   int unroll = 0;
-  /** The model is random: `forward` receives one extra trailing parameter, a PRNG key for the
-      draw, and every score averages `eot_samples` draws (Expectation over Transformation). */
+  /** The model is random: `forward` receives one extra trailing parameter, per-row PRNG keys
+      (N, 2) for the draw (row_keys), and every score averages `eot_samples` draws (Expectation
+      over Transformation). */
   bool stochastic = false;
   int eot_samples = 1;
 };
@@ -247,7 +264,8 @@ class AttackEngine : public CompiledEngine {
       int num_classes,
       const AttackConfig& config,
       const mx::array& key,
-      const std::optional<mx::array>& probs = std::nullopt);
+      const std::optional<mx::array>& probs = std::nullopt,
+      const std::optional<mx::array>& rows = std::nullopt);
 
  private:
   std::uintptr_t step_id() const {

@@ -1,5 +1,6 @@
 // Python bindings for the Square attack (score-based, black-box).
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
@@ -20,7 +21,7 @@ void init_square(nb::module_& m) {
              const mx::array& x0, const mx::array& y, const mx::array& eps, const mx::array& lo,
              const mx::array& hi, int num_classes, const std::string& norm, const std::string& loss,
              int n_queries, double p_init, bool targeted, bool early_stop, int unroll,
-             bool stochastic, const mx::array& key) {
+             bool stochastic, const mx::array& key, const std::optional<mx::array>& rows) {
             require_callable(forward, "square");
             SquareConfig cfg;
             cfg.norm = parse_norm(norm);
@@ -34,17 +35,18 @@ void init_square(nb::module_& m) {
             auto fn = borrow_forward(forward, "square");
             SquareOutput out = [&] {
               nb::gil_scoped_release nogil;
-              return self.run(fn, params, x0, y, eps, lo, hi, num_classes, cfg, key);
+              return self.run(fn, params, x0, y, eps, lo, hi, num_classes, cfg, key, rows);
             }();
             return nb::make_tuple(out.x_adv, out.success, out.loss, out.logits, out.norms, out.queries);
           },
           "forward"_a, "params"_a, "x0"_a, "y"_a, "eps"_a, "lo"_a, "hi"_a, nb::kw_only(),
           "num_classes"_a, "norm"_a = "linf", "loss"_a = "margin", "n_queries"_a = 1000,
           "p_init"_a = 0.8, "targeted"_a = false, "early_stop"_a = true, "unroll"_a = 0,
-          "stochastic"_a = false, "key"_a,
+          "stochastic"_a = false, "key"_a, "rows"_a = nb::none(),
           "Run the Square attack on NHWC images; returns (x_adv, success, loss, logits, norms, "
           "queries). `forward(params, x)` is called only while tracing; with stochastic=True the "
-          "last element of `params` is a PRNG key for the draw. One engine per model.");
+          "last element of `params` is per-row PRNG keys (N, 2) for the draw, from the global "
+          "sample indices `rows` (N,) (default 0..N-1). One engine per model.");
   bind_engine_common(square_engine);
 
   m.def("square_level", &square_level, "it"_a, "n_queries"_a,

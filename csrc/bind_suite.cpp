@@ -34,7 +34,7 @@ void init_suite(nb::module_& m) {
              const mx::array& hi, int num_classes, const std::string& norm, const std::string& loss,
              int steps, int restarts, int n_target_classes, const std::optional<mx::array>& target,
              float rho, bool early_stop, int unroll, bool stochastic, int eot_samples,
-             const mx::array& key) {
+             const mx::array& key, const std::optional<mx::array>& rows) {
             require_callable(forward, "apgd");
             ApgdConfig cfg;
             try {
@@ -55,19 +55,20 @@ void init_suite(nb::module_& m) {
             auto fn = borrow_forward(forward, "apgd");
             AttackOutput out = [&] {
               nb::gil_scoped_release nogil;
-              return self.run(fn, params, x0, y, target, eps, lo, hi, num_classes, cfg, key);
+              return self.run(fn, params, x0, y, target, eps, lo, hi, num_classes, cfg, key, rows);
             }();
             return as_tuple(out);
           },
           "forward"_a, "params"_a, "x0"_a, "y"_a, "eps"_a, "lo"_a, "hi"_a, nb::kw_only(),
           "num_classes"_a, "norm"_a = "linf", "loss"_a = "ce", "steps"_a = 100, "restarts"_a = 1,
           "n_target_classes"_a = 0, "target"_a = nb::none(), "rho"_a = 0.75f, "early_stop"_a = true,
-          "unroll"_a = 0, "stochastic"_a = false, "eot_samples"_a = 1, "key"_a,
+          "unroll"_a = 0, "stochastic"_a = false, "eot_samples"_a = 1, "key"_a, "rows"_a = nb::none(),
           "Run APGD; returns (x_adv, success, loss, logits, norms). `y` are the true labels; "
           "`target` (N,) makes it targeted (success = argmax == target); n_target_classes > 0 is "
           "APGD-T (targeted DLR towards the top-k other classes, success = argmax != y). "
           "`forward(params, x)` is called only while tracing; with stochastic=True the last "
-          "element of `params` is a PRNG key for the draw. One engine per model.");
+          "element of `params` is per-row PRNG keys (N, 2) for the draw, from the global sample "
+          "indices `rows` (N,) (default 0..N-1). One engine per model.");
   bind_engine_common(apgd_engine);
 
   auto cw_engine = nb::class_<CwEngine>(m, "CwEngine",
@@ -79,7 +80,7 @@ void init_suite(nb::module_& m) {
              const mx::array& x0, const mx::array& y, const mx::array& lo, const mx::array& hi,
              int num_classes, bool targeted, float c, float kappa, int steps, float lr,
              int binary_search_steps, bool early_abort, int unroll, bool stochastic, int eot_samples,
-             const mx::array& key) {
+             const mx::array& key, const std::optional<mx::array>& rows) {
             require_callable(forward, "cw");
             CwConfig cfg;
             cfg.targeted = targeted;
@@ -95,14 +96,14 @@ void init_suite(nb::module_& m) {
             auto fn = borrow_forward(forward, "cw");
             AttackOutput out = [&] {
               nb::gil_scoped_release nogil;
-              return self.run(fn, params, x0, y, lo, hi, num_classes, cfg, key);
+              return self.run(fn, params, x0, y, lo, hi, num_classes, cfg, key, rows);
             }();
             return as_tuple(out);
           },
           "forward"_a, "params"_a, "x0"_a, "y"_a, "lo"_a, "hi"_a, nb::kw_only(), "num_classes"_a,
           "targeted"_a = false, "c"_a = 1.0f, "kappa"_a = 0.0f, "steps"_a = 100, "lr"_a = 0.01f,
           "binary_search_steps"_a = 5, "early_abort"_a = true, "unroll"_a = 0, "stochastic"_a = false,
-          "eot_samples"_a = 1, "key"_a,
+          "eot_samples"_a = 1, "key"_a, "rows"_a = nb::none(),
           "Run C&W L2; returns (x_adv, success, loss, logits, norms) with L2 norms and loss the "
           "logit margin at x_adv. With targeted=True, `y` holds the targets. `forward(params, x)` "
           "is called only while tracing. One engine per model.");

@@ -28,7 +28,7 @@ void init_attack(nb::module_& m) {
              int num_classes, const std::string& norm, const std::string& loss, int steps,
              int restarts, bool random_start, bool targeted, bool track_best, bool early_stop,
              int unroll, bool stochastic, int eot_samples, const mx::array& key,
-             const std::optional<mx::array>& probs) {
+             const std::optional<mx::array>& probs, const std::optional<mx::array>& rows) {
             require_callable(forward);
             AttackConfig cfg;
             cfg.norm = parse_norm(norm);
@@ -45,7 +45,7 @@ void init_attack(nb::module_& m) {
             auto fn = borrow_forward(forward);
             AttackOutput out = [&] {
               nb::gil_scoped_release nogil;
-              return self.run(fn, params, x0, y, eps, step_size, lo, hi, num_classes, cfg, key, probs);
+              return self.run(fn, params, x0, y, eps, step_size, lo, hi, num_classes, cfg, key, probs, rows);
             }();
             return nb::make_tuple(out.x_adv, out.success, out.loss, out.logits, out.norms);
           },
@@ -53,12 +53,17 @@ void init_attack(nb::module_& m) {
           nb::kw_only(), "num_classes"_a, "norm"_a = "linf", "loss"_a = "ce", "steps"_a = 10,
           "restarts"_a = 1, "random_start"_a = true, "targeted"_a = false, "track_best"_a = true,
           "early_stop"_a = false, "unroll"_a = 0, "stochastic"_a = false, "eot_samples"_a = 1, "key"_a, "probs"_a = nb::none(),
+          "rows"_a = nb::none(),
           "Run the attack; returns (x_adv, success, loss, logits, norms). `forward(params, x)` "
           "is called only while a step is traced; with stochastic=True the last element of "
-          "`params` is a PRNG key for the draw. The engine's compiled steps belong to one model: "
+          "`params` is per-row PRNG keys (N, 2) for the draw, derived from each row's global "
+          "sample index `rows` (N,) (default 0..N-1). The engine's compiled steps belong to one model: "
           "use one engine per model.");
   bind_engine_common(attack_engine);
 
+  m.def("row_keys", &row_keys, "draw_key"_a, "rows"_a,
+        "Per-row PRNG keys (N, 2) from a key (2,) and global sample indices (N,): what a random "
+        "model's forward receives in the attack engines.");
   m.def(
       "project",
       [](const mx::array& x, const mx::array& x0, const mx::array& eps, const mx::array& lo,

@@ -41,6 +41,7 @@ enum Slot : int {
   HI,
   PERIOD,  // early-abort check every PERIOD steps (int32)
   KEYS,    // (steps, 2): draw keys of a stochastic model
+  ROWS,    // (N,): global sample indices (key a stochastic model's per-row draws)
   T0,
   NUM_SLOTS
 };
@@ -92,7 +93,7 @@ std::vector<mx::array> steps_fn(
       xa = to_input_space(ws[0], in[LO], in[HI]);
       auto margin = [&](const mx::array& z) { return margin_loss(z, in[Y], in[KAPPA], cfg.targeted); };
       auto sc = score(forward, params, *xa, num_classes, cfg.stochastic, cfg.eot_samples, draw_key,
-                             margin, "cw");
+                             in[ROWS], margin, "cw");
       l2 = mx::sum(mx::square(mx::subtract(*xa, x0)), axes);
       loss = mx::add(*l2, mx::multiply(in[C], sc.objective));
       logits = sc.logits;
@@ -146,9 +147,11 @@ AttackOutput CwEngine::run(
     const mx::array& hi,
     int num_classes,
     const CwConfig& cfg,
-    const mx::array& key) {
+    const mx::array& key,
+    const std::optional<mx::array>& rows_in) {
   suite::check_batch(x0_in, y_in, num_classes, "cw");
   const int n = x0_in.shape(0);
+  auto sample_idx = sample_rows(rows_in, n, "cw");
   auto positive = [](float v) { return std::isfinite(v) && v > 0.0f; };
   if (cfg.steps < 1) {
     throw std::invalid_argument("[cw] steps must be >= 1, got " + std::to_string(cfg.steps));
@@ -194,9 +197,9 @@ AttackOutput CwEngine::run(
   auto clean_fn = mx::detail::compile(
       [this, &forward, num_classes, &cfg](const std::vector<mx::array>& in) {
         traces_++;
-        std::vector<mx::array> params(in.begin() + 2, in.end());
+        std::vector<mx::array> params(in.begin() + 3, in.end());
         return std::vector<mx::array>{
-            score(forward, params, in[0], num_classes, cfg.stochastic, cfg.eot_samples, in[1],
+            score(forward, params, in[0], num_classes, cfg.stochastic, cfg.eot_samples, in[1], in[2],
                          nullptr, "cw").logits};
       },
       id(0), false, constants(0, 0));
@@ -225,7 +228,7 @@ AttackOutput CwEngine::run(
 
   mx::array bl2(0.0f), bx(0.0f), bz(0.0f), found(false);
   try {
-    std::vector<mx::array> clean_in{x0, mx::take(streams, 1, 0)};
+    std::vector<mx::array> clean_in{x0, mx::take(streams, 1, 0), sample_idx};
     clean_in.insert(clean_in.end(), params.begin(), params.end());
     auto logits0 = clean_fn(clean_in)[0];
     // A sample already misclassified with margin kappa is its own smallest perturbation.
@@ -245,7 +248,7 @@ AttackOutput CwEngine::run(
                                  : mx::zeros({1, 2}, mx::uint32);
       std::vector<mx::array> state{w0, mx::zeros_like(w0), mx::zeros_like(w0), mx::zeros({n}, mx::bool_),
                                    bl2, bx, bz, found, mx::full({n}, inf), mx::ones({n}, mx::bool_)};
-      std::vector<mx::array> fixed{x0, y, c, kappa, lr, lo32, hi32, period, keys};
+      std::vector<mx::array> fixed{x0, y, c, kappa, lr, lo32, hi32, period, keys, sample_idx};
       int done = 0;
       auto run_chunk = [&](int k) {
         std::vector<mx::array> in(state);

@@ -63,7 +63,8 @@ class CwEngine : public CompiledEngine {
       const mx::array& hi,
       int num_classes,
       const CwConfig& config,
-      const mx::array& key);
+      const mx::array& key,
+      const std::optional<mx::array>& rows = std::nullopt);
 };
 
 } // namespace mlx_robust

@@ -91,7 +91,7 @@ struct SquareScore {
 };
 
 // Loss to minimise (the negated attack objective), success and logits at x. A random model gets
-// the trailing key `noise_key`.
+// the trailing per-row keys row_keys(noise_key, rows): each sample's draw depends on its global index.
 SquareScore square_score(
     const ForwardFn& forward,
     const std::vector<mx::array>& params,
@@ -99,10 +99,11 @@ SquareScore square_score(
     const mx::array& y,
     int num_classes,
     const SquareConfig& cfg,
-    const mx::array& noise_key) {
+    const mx::array& noise_key,
+    const mx::array& rows) {
   std::vector<mx::array> p(params);
   if (cfg.stochastic) {
-    p.push_back(noise_key);
+    p.push_back(row_keys(noise_key, rows));
   }
   auto logits = checked_logits(forward, p, x, num_classes, "square");
   auto loss = mx::negative(attack_objective(logits, y, cfg.loss, cfg.targeted));
@@ -254,10 +255,11 @@ mx::array l2_init(const mx::array& x0, const mx::array& eps4, const mx::array& l
 }
 
 // Compiled-function input layouts.
-enum InitSlot : int { I_X0 = 0, I_Y, I_EPS, I_LO, I_HI, I_SID, I_KEY, I_NUM };
+enum InitSlot : int { I_X0 = 0, I_Y, I_EPS, I_LO, I_HI, I_SID, I_KEY, I_ROWS, I_NUM };
 // KEYS (k, 2): the chunk's iteration keys; ITER (k, 3) int32: level, window size, valid;
 // TABLE (2 * kLevels, H * W): L2 patterns per level, plain and transposed, top-left of the canvas.
-enum StepSlot : int { BX = 0, BL, BS, BZ, BQ, X0, Y, EPS, LO, HI, SID, KEYS, ITER, TABLE, S_NUM };
+// ROWS (N,): global sample indices (key a random model's per-row draws).
+enum StepSlot : int { BX = 0, BL, BS, BZ, BQ, X0, Y, EPS, LO, HI, SID, KEYS, ITER, TABLE, ROWS, S_NUM };
 
 std::vector<mx::array> params_of(const std::vector<mx::array>& in, int from) {
   return std::vector<mx::array>(in.begin() + from, in.end());
@@ -270,10 +272,10 @@ std::vector<mx::array> init_fn(const ForwardFn& forward, const std::vector<mx::a
   const auto& y = in[I_Y];
   auto eps4 = per_sample(in[I_EPS], 4);
   auto noise = mx::random::split(in[I_KEY], 3);
-  auto clean = square_score(forward, params, x0, y, num_classes, cfg, mx::take(noise, 1, 0));
+  auto clean = square_score(forward, params, x0, y, num_classes, cfg, mx::take(noise, 1, 0), in[I_ROWS]);
   auto x1 = cfg.norm == Norm::Linf ? linf_init(x0, eps4, in[I_LO], in[I_HI], in[I_SID], in[I_KEY])
                                    : l2_init(x0, eps4, in[I_LO], in[I_HI], in[I_SID], in[I_KEY]);
-  auto first = square_score(forward, params, x1, y, num_classes, cfg, mx::take(noise, 2, 0));
+  auto first = square_score(forward, params, x1, y, num_classes, cfg, mx::take(noise, 2, 0), in[I_ROWS]);
   // Samples misclassified already keep x0 and spend no query.
   const auto& done = clean.success;
   return {mx::where(per_sample(done, 4), x0, x1),
@@ -300,7 +302,7 @@ std::vector<mx::array> step_fn(const ForwardFn& forward, const std::vector<mx::a
     auto u = square_draws(in[SID], key, step_words(cfg.norm, c));
     auto x_new = cfg.norm == Norm::Linf ? linf_candidate(x0, bx, eps4, in[LO], in[HI], u, s)
                                         : l2_candidate(x0, bx, eps4, in[LO], in[HI], u, s, level, in[TABLE]);
-    auto cand = square_score(forward, params, x_new, y, num_classes, cfg, mx::random::split(key).second);
+    auto cand = square_score(forward, params, x_new, y, num_classes, cfg, mx::random::split(key).second, in[ROWS]);
     auto live = mx::logical_and(valid, mx::logical_not(bs));
     auto accept = mx::logical_and(live, mx::less(cand.loss, bl));
     bq = mx::add(bq, mx::astype(live, mx::int32));
@@ -404,7 +406,8 @@ SquareOutput SquareEngine::run(
     const mx::array& hi,
     int num_classes,
     const SquareConfig& cfg,
-    const mx::array& key) {
+    const mx::array& key,
+    const std::optional<mx::array>& rows_in) {
   if (x0_in.ndim() != 4) {
     throw std::invalid_argument(
         "[square] x must be a batch of NHWC images (N, H, W, C), got rank " + std::to_string(x0_in.ndim()));
@@ -440,6 +443,7 @@ SquareOutput SquareEngine::run(
   if (key.ndim() != 1 || key.shape(0) != 2 || key.dtype() != mx::uint32) {
     throw std::invalid_argument("[square] key must be a PRNG key (shape (2,), uint32)");
   }
+  auto sample_idx = sample_rows(rows_in, n, "square");
 
   std::lock_guard<std::mutex> serial(core_mutex());
   drain_released();
@@ -500,7 +504,7 @@ SquareOutput SquareEngine::run(
 
   std::vector<mx::array> full;
   try {
-    std::vector<mx::array> init_in{x0, y, eps, lo32, hi32, ids, mx::take(keys, 0, 0)};
+    std::vector<mx::array> init_in{x0, y, eps, lo32, hi32, ids, mx::take(keys, 0, 0), sample_idx};
     init_in.insert(init_in.end(), params.begin(), params.end());
     full = init(init_in);
 
@@ -530,7 +534,7 @@ SquareOutput SquareEngine::run(
     std::vector<int> rows = active;
     bool identity = true;
     std::vector<mx::array> state = full;
-    std::vector<mx::array> fixed{x0, y, eps, ids};
+    std::vector<mx::array> fixed{x0, y, eps, ids, sample_idx};
 
     auto flush = [&]() {
       if (identity) {
@@ -576,7 +580,7 @@ SquareOutput SquareEngine::run(
         a = mx::take(a, sel_idx, 0);
       }
       fixed = {mx::take(x0, row_idx, 0), mx::take(y, row_idx, 0), mx::take(eps, row_idx, 0),
-               mx::take(ids, row_idx, 0)};
+               mx::take(ids, row_idx, 0), mx::take(sample_idx, row_idx, 0)};
       rows = new_rows;
       active = still;
       identity = false;
@@ -614,7 +618,8 @@ SquareOutput SquareEngine::run(
       }
       std::vector<mx::array> in{
           state[BX], state[BL], state[BS], state[BZ], state[BQ], fixed[0], fixed[1], fixed[2], lo32, hi32,
-          fixed[3], mx::slice(iter_keys, {t, 0}, {t + k, 2}), mx::array(info.data(), {k, 3}, mx::int32), table};
+          fixed[3], mx::slice(iter_keys, {t, 0}, {t + k, 2}), mx::array(info.data(), {k, 3}, mx::int32), table,
+          fixed[4]};
       in.insert(in.end(), params.begin(), params.end());
       auto prev_success = state[BS];
       state = step(in);

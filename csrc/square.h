@@ -67,7 +67,8 @@ struct SquareConfig {
   bool early_stop = true;
   /** Iterations per compiled call; 0 picks it by timing the first call for an input shape. */
   int unroll = 0;
-  /** The model is random: forward receives a trailing PRNG key parameter, one draw per query. */
+  /** The model is random: forward receives trailing per-row PRNG keys (N, 2) (row_keys of the
+      query's key and each sample's global index), one draw per query. */
   bool stochastic = false;
 };
 
@@ -114,7 +115,8 @@ class SquareEngine : public CompiledEngine {
       const mx::array& hi,
       int num_classes,
       const SquareConfig& config,
-      const mx::array& key);
+      const mx::array& key,
+      const std::optional<mx::array>& rows = std::nullopt);
 
  private:
   // Distinct from AttackEngine's ids at the same address only by the constants' tag.

@@ -159,11 +159,13 @@ class ModelFunction:
         eot_samples: int = 1,
         probs: Optional[mx.array] = None,
         training: bool = False,
+        rows: Optional[mx.array] = None,
     ) -> tuple[mx.array, mx.array, mx.array, mx.array, mx.array]:
         """Run the compiled attack loop; returns (x_adv, success, loss, logits, norms).
 
         ``probs`` (N, C): clean probabilities, needed by ``loss="kl"`` (TRADES' inner attack).
         ``training`` is the mode the model runs in during the attack (eval by default).
+        ``rows`` (N,): the samples' global indices, which key a random defence's per-sample draws.
         """
         return self._run_engine(
             self.engine,
@@ -187,6 +189,7 @@ class ModelFunction:
             eot_samples=eot_samples,
             key=key,
             probs=probs,
+            rows=rows,
         )
 
     # --- attack suite: APGD and Carlini-Wagner engines, created on first use ---------------
@@ -264,6 +267,7 @@ class ModelFunction:
         unroll: int,
         key: mx.array,
         eot_samples: int = 1,
+        rows: Optional[mx.array] = None,
     ) -> tuple[mx.array, mx.array, mx.array, mx.array, mx.array]:
         """Run compiled APGD in eval mode; returns (x_adv, success, loss, logits, norms).
 
@@ -289,6 +293,7 @@ class ModelFunction:
             unroll=unroll,
             eot_samples=eot_samples,
             key=key,
+            rows=rows,
         )
 
     def run_cw(
@@ -308,6 +313,7 @@ class ModelFunction:
         unroll: int,
         key: mx.array,
         eot_samples: int = 1,
+        rows: Optional[mx.array] = None,
     ) -> tuple[mx.array, mx.array, mx.array, mx.array, mx.array]:
         """Run compiled Carlini-Wagner L2 in eval mode; returns (x_adv, success, loss, logits, norms)."""
         return self._run_suite(
@@ -327,7 +333,26 @@ class ModelFunction:
             unroll=unroll,
             eot_samples=eot_samples,
             key=key,
+            rows=rows,
         )
+
+
+def row_keys(key: mx.array, rows: mx.array) -> mx.array:
+    """Per-row PRNG keys (N, 2) from a key (2,) and global sample indices (N,): the keys a random
+    defence receives in the attack engines (row i's draw depends only on ``key`` and ``rows[i]``)."""
+    return _core.row_keys(key, rows.astype(mx.uint32))
+
+
+def attack_objective(
+    logits: mx.array, y: mx.array, loss: str, targeted: bool, probs: Optional[mx.array] = None
+) -> mx.array:
+    """The gradient attacks' per-sample objective (ce, margin or kl) at ``logits``, as the core computes it."""
+    return _core.attack_objective(logits, y, loss, targeted, probs)
+
+
+def dlr_loss(logits: mx.array, y: mx.array, target: Optional[mx.array] = None) -> mx.array:
+    """APGD's DLR loss (with ``target``: the targeted DLR), as the core computes it."""
+    return _core.dlr_loss(logits, y, target)
 
 
 class SmoothedFunction:
@@ -466,6 +491,7 @@ def run_square(
     unroll: int,
     key: mx.array,
     training: bool = False,
+    rows: Optional[mx.array] = None,
 ) -> tuple[mx.array, mx.array, mx.array, mx.array, mx.array, mx.array]:
     """Run the compiled Square attack; returns (x_adv, success, loss, logits, norms, queries).
 
@@ -489,6 +515,7 @@ def run_square(
         early_stop=early_stop,
         unroll=unroll,
         key=key,
+        rows=rows,
     )
 
 

@@ -35,5 +35,16 @@ class GaussianNoise:
         object.__setattr__(self, "std", float(self.std))
 
     def apply(self, x: mx.array, key: Optional[mx.array] = None) -> mx.array:
-        """``x + std * N(0, I)``; with ``key`` the draw is reproducible (and compile-safe)."""
+        """``x + std * N(0, I)``; with ``key`` the draw is reproducible (and compile-safe).
+
+        ``key`` is one PRNG key (2,) for the whole batch, or per-row keys (N, 2) (what the attack
+        engines pass): row i is then drawn from key i alone, so a sample's noise does not depend on
+        the batch it is in. None draws from MLX's global generator.
+        """
+        if key is not None and key.ndim == 2:
+            if key.shape[0] != x.shape[0]:
+                raise ValueError(f"key must be one key (2,) or one per row ({x.shape[0]}, 2), got shape {key.shape}")
+            row_shape = tuple(x.shape[1:])
+            draw = mx.vmap(lambda k: mx.random.normal(row_shape, dtype=x.dtype, key=k))
+            return x + self.std * draw(key)
         return x + self.std * mx.random.normal(x.shape, dtype=x.dtype, key=key)

@@ -121,9 +121,15 @@ class RobustModel:
         """Validate a batch with this model's bounds, input shape and policy (see ``validate``)."""
         return validate(x, bounds=self.bounds, input_shape=self.input_shape, policy=self.on_invalid, name=name)
 
-    def _logits(self, x: mx.array) -> mx.array:
+    def _logits(self, x: mx.array, key: Optional[mx.array] = None, rows: Optional[mx.array] = None) -> mx.array:
+        # A random defence draws row i from row_keys(key, rows)[i] (rows: global sample indices,
+        # default 0..N-1), as in the attack engines; without a key, from MLX's global generator.
         if self.noise is not None:
-            x = self.noise.apply(x)
+            if key is not None:
+                rows = mx.arange(x.shape[0], dtype=mx.uint32) if rows is None else rows
+                x = self.noise.apply(x, _functional.row_keys(key, rows))
+            else:
+                x = self.noise.apply(x)
         logits = self.model(x)
         if not isinstance(logits, mx.array) or not mx.issubdtype(logits.dtype, mx.floating):
             got = logits.dtype if isinstance(logits, mx.array) else type(logits).__name__
@@ -141,10 +147,26 @@ class RobustModel:
             self._num_classes = int(logits.shape[1])
         return logits
 
-    def __call__(self, x: Any) -> mx.array:
-        """Validated forward pass: logits (N, num_classes). Differentiable with respect to x."""
+    def __call__(self, x: Any, *, key: Optional[mx.array] = None) -> mx.array:
+        """Validated forward pass: logits (N, num_classes). Differentiable with respect to x.
+
+        With ``noise``, ``key`` (``mr.key(seed)``) makes the draw reproducible: sample i's noise
+        depends only on ``key`` and i; None draws from MLX's global generator.
+        """
         x, _ = self.validate(x)
-        return self._logits(x)
+        if key is not None:
+            _check_key(key)
+        return self._logits(x, key)
+
+    def _defended_logits(self, x: mx.array, key: Optional[mx.array], rows: Optional[mx.array], draws: int) -> mx.array:
+        """float32 logits (N, C) in eval mode: the model's, or with ``noise`` the mean over ``draws``
+        draws keyed per sample by ``key`` and ``rows`` (what an attack's logits mean: EOT)."""
+        with _functional.preserved(self.model, training=False):
+            if self.noise is None or key is None:
+                return self._logits(x).astype(mx.float32)
+            keys = mx.random.split(key, max(draws, 1))
+            total = sum(self._logits(x, keys[e], rows).astype(mx.float32) for e in range(max(draws, 1)))
+            return total / max(draws, 1)
 
     def clean_probabilities(self, x: mx.array) -> mx.array:
         """Softmax of the model on a validated batch, in eval mode, without noise (a constant)."""
@@ -157,18 +179,23 @@ class RobustModel:
 
         With ``smoothing``: the smoothed classifier's PREDICT (Cohen et al. 2019,
         https://arxiv.org/abs/1902.02918), -1 where it abstains; ``key`` (``mr.key(seed)`` or (N, 2)
-        per-input keys) makes it reproducible. Without smoothing ``key`` is not used.
+        per-input keys) makes it reproducible. With ``noise``, ``key`` (``mr.key(seed)``) keys each
+        sample's draw by the key and its index (reproducible, independent of batching); None draws
+        from MLX's global generator. Deterministic models ignore ``key``.
         """
         if self.smoothing is not None:
             from mlx_robust.smoothing import smoothed_predict
 
             return smoothed_predict(self, x, key=key)
+        if key is not None and self.noise is not None:
+            _check_key(key)
+            return self._base_predict(x, key)
         return self._base_predict(x)
 
-    def _base_predict(self, x: Any) -> mx.array:
+    def _base_predict(self, x: Any, key: Optional[mx.array] = None) -> mx.array:
         x, _ = self.validate(x)
         with _functional.preserved(self.model, training=False):
-            logits = self._logits(x)
+            logits = self._logits(x, key)
         _check_finite_logits(logits)
         return mx.argmax(logits, axis=-1).astype(mx.int32)
 
@@ -222,10 +249,8 @@ class RobustModel:
         targets = None if y_target is None else as_labels(y_target, n, self.num_classes, "y_target")
         if key is None:
             key = _fresh_key()
-        elif not isinstance(key, mx.array):
-            raise TypeError(f"key must be a PRNG key from mr.key(seed), got {type(key).__name__}")
-        elif key.shape != (2,) or key.dtype != mx.uint32:
-            raise ValueError("key must be a PRNG key from mr.key(seed) or mx.random.key(seed)")
+        else:
+            _check_key(key)
         if batch_size is not None and (not _is_int(batch_size) or batch_size < 1):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         step = n if batch_size is None else batch_size
@@ -238,11 +263,23 @@ class RobustModel:
         for field, value in per_sample.items():
             if value.shape != (n,):
                 raise ValueError(f"{field} must be a number or have shape ({n},) (one per sample), got shape {value.shape}")
+        # Low precision (float16/bfloat16): the attack runs in float32 (as the engines do inside);
+        # _low_precision_result then rounds x_adv toward x into x's dtype and recomputes every
+        # field on exactly that array.
+        low = x.dtype in LOW_PRECISION
+        x_run = x.astype(mx.float32) if low else x
         parts = []
         for s in starts:
             sl = slice(s, min(s + step, n))
             chunk = dataclasses.replace(attack, **{f: v[sl] for f, v in per_sample.items()}) if per_sample else attack
-            parts.append(chunk.run(self, x[sl], y[sl], None if targets is None else targets[sl], key))
+            # Global sample indices: a random defence's draws are keyed per sample by them, so the
+            # result does not depend on batch_size (nor on early stop, inside the engines).
+            rows = mx.arange(sl.start, sl.stop, dtype=mx.uint32)
+            t = None if targets is None else targets[sl]
+            part = chunk.run(self, x_run[sl], y[sl], t, key, rows=rows)
+            if low:
+                part = self._low_precision_result(chunk, x[sl], part, t, key, rows)
+            parts.append(part)
         for part in parts:
             _check_finite_logits(part.logits)
         if len(parts) == 1:
@@ -251,6 +288,29 @@ class RobustModel:
         return AttackResult(
             cat("x_adv"), cat("success"), cat("norms"), cat("logits"), cat("loss"), y, targets, parts[0].attack,
             parts[0].eot_samples,
+        )
+
+    def _low_precision_result(
+        self, attack: Attack, x: mx.array, res: AttackResult, y_target: Optional[mx.array], key: mx.array,
+        rows: mx.array,
+    ) -> AttackResult:
+        """``res`` (attacked in float32) with x_adv rounded toward ``x`` in x's dtype, and success,
+        norms, logits and loss recomputed on exactly that array: logits by a final forward in eval
+        mode (with ``noise``: the mean over the attack's EOT draws, keyed per sample as in the
+        engines from a stream of ``key`` the attack does not use), loss by the attack's own
+        objective, norms in the attack's norm."""
+        x_adv = round_toward(res.x_adv, x)
+        final_key = _functional.row_keys(key, mx.array([_FINAL_STREAM], dtype=mx.uint32))[0]
+        logits = self._defended_logits(x_adv, final_key, rows, res.eot_samples)
+        pred = mx.argmax(logits, axis=-1)
+        success = pred == y_target if y_target is not None else pred != res.y
+        loss = attack.result_loss(self, x, logits, res.y, y_target, rows=rows, key=final_key)
+        delta = (x_adv.astype(mx.float32) - x.astype(mx.float32)).reshape(x.shape[0], -1)
+        norm = getattr(attack, "norm", "linf")
+        norms = mx.max(mx.abs(delta), axis=1) if norm == "linf" else mx.sqrt(mx.sum(delta * delta, axis=1))
+        mx.eval(x_adv, success, norms, logits, loss)
+        return dataclasses.replace(
+            res, x_adv=x_adv, success=success, norms=norms, logits=logits, loss=loss.astype(mx.float32)
         )
 
     def certify(
@@ -292,6 +352,41 @@ class RobustModel:
         from mlx_robust.adversarial import adversarial_value_and_grad
 
         return adversarial_value_and_grad(self, loss_fn, attack=attack, method=method, **params)
+
+
+LOW_PRECISION = (mx.float16, mx.bfloat16)
+_FINAL_STREAM = 0x9E3779B9  # mixed into the call's key for the low-precision final forward's draws
+
+
+def _check_key(key: Any) -> None:
+    if not isinstance(key, mx.array):
+        raise TypeError(f"key must be a PRNG key from mr.key(seed), got {type(key).__name__}")
+    if key.shape != (2,) or key.dtype != mx.uint32:
+        raise ValueError("key must be a PRNG key from mr.key(seed) or mx.random.key(seed)")
+
+
+def round_toward(x_adv: mx.array, x: mx.array) -> mx.array:
+    """``x_adv`` (float32) cast to ``x``'s dtype (float16/bfloat16), rounding toward ``x``.
+
+    Where the cast rounded away from ``x`` past the float32 value, the result steps one ulp back
+    toward ``x`` (``x`` is representable, so it never passes it): elementwise
+    ``|out - x| <= |x_adv - x|``, so an L-inf or L2 ball around ``x`` and the bounds (which hold
+    both ``x`` and ``x_adv``) still hold for the returned array in its own dtype.
+    """
+    if x.dtype not in LOW_PRECISION:
+        return x_adv.astype(x.dtype)
+    x32 = x.astype(mx.float32)
+    low = x_adv.astype(x.dtype)
+    back = low.astype(mx.float32)
+    away = mx.abs(back - x32) > mx.abs(x_adv - x32)
+    bits = mx.view(low, mx.uint16)
+    one = mx.array(1, dtype=mx.uint16)
+    inc, dec = bits + one, bits - one
+    # Sign-magnitude neighbours; from zero, the smallest subnormal of either sign.
+    larger = mx.where(back > 0, inc, mx.where(back < 0, dec, mx.array(0x0001, dtype=mx.uint16)))
+    smaller = mx.where(back > 0, dec, mx.where(back < 0, inc, mx.array(0x8001, dtype=mx.uint16)))
+    stepped = mx.where(back > x32, smaller, larger)
+    return mx.view(mx.where(away, stepped, bits), x.dtype)
 
 
 def _check_finite_logits(logits: mx.array) -> None:

@@ -70,6 +70,14 @@ def random_start(x0, eps, lo, hi, norm, key):
     return mx.clip(x0 + _per_sample(eps, x0.ndim) * delta, lo, hi)
 
 
+def row_keys(key: mx.array, rows: mx.array) -> mx.array:
+    """Reference of the core's per-row draw keys (N, 2): row i hashes (k0, k1 ^ rows[i]) through
+    the PRNG, so its draw depends only on ``key`` and the sample's global index."""
+    r = rows.astype(mx.uint32)
+    mixed = mx.stack([mx.broadcast_to(key[0], r.shape), mx.bitwise_xor(key[1], r)], axis=-1)
+    return mx.vmap(lambda k: mx.random.split(k, 1)[0])(mixed)
+
+
 def pgd_reference(
     forward: Callable[[mx.array], mx.array],
     x0: mx.array,
@@ -93,16 +101,17 @@ def pgd_reference(
     """Reference attack; returns (x_adv, success, loss, logits).
 
     ``eot_samples >= 1`` marks ``forward(x, key)`` as random: each score averages that many draws
-    (EOT), with keys derived as in the C++ core.
+    (EOT), with keys derived as in the C++ core (per-row keys (N, 2), see ``row_keys``).
     """
     n = x0.shape[0]
     y = y.astype(mx.int32)
     step_key = None
+    rows = mx.arange(n, dtype=mx.uint32)
 
     def score(x):
         if eot_samples:
             draws = mx.random.split(step_key, max(eot_samples, 2))
-            zs = [forward(x, draws[e]).astype(mx.float32) for e in range(eot_samples)]
+            zs = [forward(x, row_keys(draws[e], rows)).astype(mx.float32) for e in range(eot_samples)]
             obj = sum(objective(z, y, loss, targeted, probs) for z in zs) * (1.0 / eot_samples)
             logits = sum(zs) * (1.0 / eot_samples)
         else:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Optional
 
 import mlx.core as mx
 
+from mlx_robust import _functional
 from mlx_robust.attacks.base import NORMS, Attack, AttackResult, EpsLike, check_positive, is_int, per_sample
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -105,6 +106,7 @@ class APGD(Attack):
         y: mx.array,
         y_target: Optional[mx.array],
         key: mx.array,
+        rows: Optional[mx.array] = None,
     ) -> AttackResult:
         """Attack a validated batch (called by ``RobustModel.attack``)."""
         n = x.shape[0]
@@ -128,9 +130,34 @@ class APGD(Attack):
             unroll=int(self.unroll or 0),
             key=key,
             eot_samples=eot,
+            rows=rows,
         )
         name = self.name if eot == 1 else f"{self.name} EOT-{eot}"
         return AttackResult(x_adv, success, norms, logits, loss, y, y_target, name, eot)
+
+    def result_loss(self, robust, x, logits, y, y_target, rows=None, key=None) -> mx.array:
+        """The objective APGD maximised at ``logits``: CE or DLR (targeted: towards ``y_target``).
+
+        APGD-T (no ``y_target``): the best over its target classes (the 2nd, 3rd, ... classes of
+        the clean prediction), as its result keeps the best run.
+        """
+        n_targets = 0 if y_target is not None else self._n_target_classes(robust.num_classes)
+        if y_target is not None:
+            targets = [y_target]
+        elif n_targets > 0:
+            clean = robust._defended_logits(x, key, rows, robust.eot_samples(self.eot_samples))
+            ranked = mx.argsort(clean, axis=-1).astype(mx.int32)
+            c = robust.num_classes
+            targets = [ranked[:, c - 2 - t] for t in range(n_targets)]
+        else:
+            targets = [None]
+        losses = []
+        for t in targets:
+            if self.loss == "ce":
+                losses.append(_functional.attack_objective(logits, y if t is None else t, "ce", t is not None))
+            else:
+                losses.append(_functional.dlr_loss(logits, y, t))
+        return losses[0] if len(losses) == 1 else mx.max(mx.stack(losses), axis=0)
 
 
 @dataclass(frozen=True)

@@ -111,9 +111,12 @@ def per_sample(value: EpsLike, n: int, name: str) -> mx.array:
 class Attack:
     """Base of every attack configuration (frozen dataclasses holding settings only).
 
-    Subclasses implement ``run(robust, x, y, y_target, key)`` on a validated batch and return an
-    :class:`AttackResult`; ``RobustModel.attack`` validates inputs, slices per-sample settings named
-    in ``per_sample_fields`` with the batch, and restores the model afterwards.
+    Subclasses implement ``run(robust, x, y, y_target, key, rows=None)`` on a validated batch and
+    return an :class:`AttackResult`; ``RobustModel.attack`` validates inputs, slices per-sample
+    settings named in ``per_sample_fields`` with the batch, and restores the model afterwards.
+    ``rows`` (N,) are the samples' global indices in the caller's batch: a random defence's draws
+    are keyed per sample by them (default 0..N-1). ``result_loss`` recomputes the result's ``loss``
+    from logits (used where the returned array differs from the attacked one: low precision).
     """
 
     per_sample_fields: tuple[str, ...] = ("eps",)
@@ -129,7 +132,24 @@ class Attack:
         y: mx.array,
         y_target: Optional[mx.array],
         key: mx.array,
+        rows: Optional[mx.array] = None,
     ) -> AttackResult:
+        raise NotImplementedError
+
+    def result_loss(
+        self,
+        robust: "RobustModel",
+        x: mx.array,
+        logits: mx.array,
+        y: mx.array,
+        y_target: Optional[mx.array],
+        rows: Optional[mx.array] = None,
+        key: Optional[mx.array] = None,
+    ) -> mx.array:
+        """The result's ``loss`` (N,) float32 at ``logits`` (N, C): this attack's own objective.
+
+        ``x`` are the clean inputs (for objectives that depend on the clean prediction).
+        """
         raise NotImplementedError
 
 

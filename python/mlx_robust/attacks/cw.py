@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Optional
 
 import mlx.core as mx
 
+from mlx_robust import _functional
 from mlx_robust.attacks.base import Attack, AttackResult, is_int, scalar
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -109,6 +110,7 @@ class CW(Attack):
         y: mx.array,
         y_target: Optional[mx.array],
         key: mx.array,
+        rows: Optional[mx.array] = None,
     ) -> AttackResult:
         """Attack a validated batch (called by ``RobustModel.attack``)."""
         targeted = y_target is not None
@@ -128,6 +130,12 @@ class CW(Attack):
             unroll=int(self.unroll or 0),
             key=key,
             eot_samples=eot,
+            rows=rows,
         )
         name = self.name if eot == 1 else f"{self.name} EOT-{eot}"
         return AttackResult(x_adv, success, norms, logits, loss, y, y_target, name, eot)
+
+    def result_loss(self, robust, x, logits, y, y_target, rows=None, key=None) -> mx.array:
+        """The logit margin ``max_{j≠y} Z_j - Z_y`` (targeted: ``Z_t - max_{j≠t} Z_j``)."""
+        targeted = y_target is not None
+        return _functional.attack_objective(logits, y_target if targeted else y, "margin", targeted)

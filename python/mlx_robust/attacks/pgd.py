@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Optional
 
 import mlx.core as mx
 
+from mlx_robust import _functional
 from mlx_robust.attacks.base import NORMS, Attack, AttackResult, EpsLike, check_positive, is_int, per_sample
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -102,6 +103,7 @@ class PGD(Attack):
         key: mx.array,
         training: bool = False,
         track_best: bool = True,
+        rows: Optional[mx.array] = None,
     ) -> AttackResult:
         """Attack a validated batch (called by ``RobustModel.attack``)."""
         n = x.shape[0]
@@ -129,9 +131,16 @@ class PGD(Attack):
             eot_samples=eot,
             probs=probs,
             training=training,
+            rows=rows,
         )
         name = self.name if eot == 1 else f"{self.name} EOT-{eot}"
         return AttackResult(x_adv, success, norms, logits, loss, y, y_target, name, eot)
+
+    def result_loss(self, robust, x, logits, y, y_target, rows=None, key=None) -> mx.array:
+        """The objective the attack maximised (``loss``: ce, margin or kl; targeted: negated)."""
+        targeted = y_target is not None
+        probs = robust.clean_probabilities(x) if self.loss == "kl" else None
+        return _functional.attack_objective(logits, y_target if targeted else y, self.loss, targeted, probs)
 
 
 @dataclass(frozen=True)

@@ -123,6 +123,7 @@ class Square(Attack):
         y: mx.array,
         y_target: Optional[mx.array],
         key: mx.array,
+        rows: Optional[mx.array] = None,
     ) -> SquareResult:
         """Attack a validated batch (called by ``RobustModel.attack``)."""
         if x.ndim != 4:
@@ -147,5 +148,11 @@ class Square(Attack):
             early_stop=self.early_stop,
             unroll=int(self.unroll or 0),
             key=key,
+            rows=rows,
         )
         return SquareResult(x_adv, success, norms, logits, loss, y, y_target, self.name, 1, queries)
+
+    def result_loss(self, robust, x, logits, y, y_target, rows=None, key=None) -> mx.array:
+        """The attack objective (``loss``: margin or ce; targeted: towards ``y_target``)."""
+        targeted = y_target is not None
+        return _functional.attack_objective(logits, y_target if targeted else y, self.loss, targeted)

@@ -237,7 +237,7 @@ def _attack_once(robust, x, y, idx, attack, key, batch_size, eot) -> tuple[np.nd
     if robust.is_random:
         # A success seen under one lucky draw is not a success: re-judge x_adv on the mean logits
         # of fresh draws.
-        succ &= np.array(_mean_prediction(robust, res.x_adv, eot) != y[sel])
+        succ &= np.array(_mean_prediction(robust, res.x_adv, eot, _stream(key, _JUDGE), sel) != y[sel])
     return succ, np.array(res.norms)
 
 
@@ -302,7 +302,7 @@ def evaluate(
     if robust.is_random:
         # A random defence's clean prediction is judged like its adversarial ones: on the mean
         # logits of fresh draws, not on one draw.
-        clean_pred = _mean_prediction(robust, xv, robust.eot_samples())
+        clean_pred = _mean_prediction(robust, xv, robust.eot_samples(), _stream(key, _CLEAN))
     else:
         clean_pred = _predict_batched(robust, xv, batch_size)
     clean_correct = np.array(clean_pred == yv)
@@ -367,13 +367,22 @@ def evaluate(
     return report
 
 
-def _mean_prediction(robust: RobustModel, x: mx.array, draws: int) -> mx.array:
-    """argmax of the defended model's logits averaged over ``draws`` random draws (eval mode)."""
+# Streams of evaluate's key for its own draws (mixed in by row_keys; the attacks use the key itself).
+_CLEAN, _JUDGE, _GRADIENT = 0xC1EA0001, 0xC1EA0002, 0xC1EA0003
+
+
+def _stream(key: mx.array, tag: int) -> mx.array:
     from mlx_robust import _functional
 
-    with _functional.preserved(robust.model, training=False):
-        total = sum(robust._logits(x) for _ in range(max(draws, 1)))
-    return mx.argmax(total, axis=-1)
+    return _functional.row_keys(key, mx.array([tag], dtype=mx.uint32))[0]
+
+
+def _mean_prediction(
+    robust: RobustModel, x: mx.array, draws: int, key: mx.array, rows: Optional[mx.array] = None
+) -> mx.array:
+    """argmax of the defended model's logits averaged over ``draws`` random draws (eval mode),
+    keyed per sample by ``key`` and ``rows`` (global sample indices, default 0..N-1)."""
+    return mx.argmax(robust._defended_logits(x, key, rows, draws), axis=-1)
 
 
 def _predict_batched(robust: RobustModel, x: mx.array, batch_size: Optional[int]) -> mx.array:
@@ -459,7 +468,7 @@ def _masking_checks(
                     "unbounded attack should reach 0%; gradients are likely masked or the model is degenerate")
 
     # 5. Zero or non-finite input gradients.
-    zero, nonfinite = _gradient_health(robust, xs, ys)
+    zero, nonfinite = _gradient_health(robust, xs, ys, _stream(key, _GRADIENT))
     checks["zero_gradient_fraction"] = zero
     checks["nonfinite_gradient_fraction"] = nonfinite
     if zero > 0.1 or nonfinite > 0:
@@ -467,14 +476,15 @@ def _masking_checks(
                     "gradient attacks are blind there (shattered or vanishing gradients)")
 
 
-def _gradient_health(robust: RobustModel, x: mx.array, y: mx.array) -> tuple[float, float]:
-    """Fractions of samples whose cross-entropy input gradient is all zero / has NaN or Inf."""
+def _gradient_health(robust: RobustModel, x: mx.array, y: mx.array, key: mx.array) -> tuple[float, float]:
+    """Fractions of samples whose cross-entropy input gradient is all zero / has NaN or Inf
+    (a random defence: one draw keyed per sample by ``key``)."""
     from mlx_robust import _functional
 
     model = robust.model
 
     def loss(xx):
-        return nn.losses.cross_entropy(robust._logits(xx), y, reduction="sum")
+        return nn.losses.cross_entropy(robust._logits(xx, key), y, reduction="sum")
 
     with _functional.preserved(model, training=False):
         g = mx.grad(loss)(x)

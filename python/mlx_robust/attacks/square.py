@@ -57,9 +57,9 @@ class Square(Attack):
     Randomness: every draw of a sample depends only on ``key``, the iteration and the sample's
     own content, so a sample's result is the same alone, in any batch, at any position in it, and
     with any ``batch_size``, ``early_stop`` or ``unroll``. (Identical images in one batch receive
-    identical draws.) This holds for deterministic models; against a random defence
-    (``RobustModel(noise=...)``) each query sees one draw of the noise, keyed per iteration but
-    drawn for the whole batch. Window positions range over the whole image, including the last
+    identical draws.) Against a random defence (``RobustModel(noise=...)``) each query sees one
+    draw of the noise, keyed by the iteration and the sample's index in the call's batch, so the
+    result still depends only on ``key``, never on ``batch_size`` or ``early_stop``. Window positions range over the whole image, including the last
     row and column, which the official code's ``randint(0, h - s)`` excludes; the L2
     initialisation centres its tiles (the official offset ``(h - 5s) // 2`` equals this whenever
     ``h // s == 5``, e.g. 28 x 28, 32 x 32, 224 x 224).

@@ -408,6 +408,355 @@ def fuzz_training(data):
         assert np.isfinite(np.array(out[0]))
 
 
+# --- engines and helpers called directly, the stochastic path, threads, re-entry, signals, mutable
+# model state and oversized files (issue 12) --------------------------------------------------------
+
+def _direct_inputs(data, n_extra_ok: bool = True):
+    """x (n, 2, 2, 1), labels (maybe out of range), bounds (maybe lo > hi) and eps (maybe bad)."""
+    n = data.draw(mostly(st.integers(1, 4), st.just(0)))
+    x = mx.array(np.random.default_rng(n).uniform(0, 1, (n, 2, 2, 1)).astype(np.float32))
+    extra = data.draw(mostly(st.just(0), st.just(1))) if n_extra_ok else 0
+    y = mx.array(np.array(data.draw(st.lists(mostly(st.integers(0, 2), st.integers(-3, 5)), min_size=n + extra,
+                                             max_size=n + extra)), dtype=np.int32))
+    lo, hi = data.draw(mostly(st.just((0.0, 1.0)), st.sampled_from([(1.0, 0.0), (float("nan"), 1.0),
+                                                                     (0.0, float("inf"))])))
+    eps = mx.full((n,), data.draw(mostly(st.floats(0, 0.5, width=32), FLOATS)))
+    return n, x, y, mx.array(lo), mx.array(hi), eps
+
+
+def _direct_forward():
+    model = MODELS[(4,)]
+    fn = mr._functional.ModelFunction(model)
+    names, params = fn.flat_parameters()
+
+    def forward(p, xx):
+        return model(xx.reshape(xx.shape[0], 4))
+
+    return forward, params
+
+
+def fuzz_core_apgd(data):
+    n, x, y, lo, hi, eps = _direct_inputs(data)
+    forward, params = _direct_forward()
+    target = data.draw(st.sampled_from([None, "y", "bad"]))
+    tgt = None if target is None else (y if target == "y" else mx.full((n,), 7, mx.int32))
+    _expect_ok_or_clear_error(lambda: _core.ApgdEngine().run(
+        forward, params, x, y, eps, lo, hi,
+        num_classes=data.draw(mostly(st.just(3), st.integers(-1, 4))),
+        norm=data.draw(mostly(st.sampled_from(["linf", "l2"]), st.just("l0"))),
+        loss=data.draw(mostly(st.sampled_from(["ce", "dlr"]), st.just("x"))),
+        steps=data.draw(mostly(st.integers(1, 5), st.integers(-1, 0))),
+        restarts=data.draw(mostly(st.integers(1, 2), st.integers(-1, 0))),
+        n_target_classes=data.draw(mostly(st.integers(0, 2), st.integers(-1, 5))),
+        target=tgt, rho=data.draw(mostly(st.just(0.75), FLOATS)),
+        early_stop=data.draw(st.booleans()), unroll=data.draw(mostly(st.integers(0, 3), st.just(-1))),
+        stochastic=False, eot_samples=1, key=mr.key(0)))
+
+
+def fuzz_core_cw(data):
+    n, x, y, lo, hi, _ = _direct_inputs(data)
+    forward, params = _direct_forward()
+    _expect_ok_or_clear_error(lambda: _core.CwEngine().run(
+        forward, params, x, y, lo, hi,
+        num_classes=data.draw(mostly(st.just(3), st.integers(-1, 4))),
+        targeted=data.draw(st.booleans()),
+        c=data.draw(mostly(st.floats(2**-8, 10, width=32), FLOATS)),
+        kappa=data.draw(mostly(st.floats(0, 2, width=32), FLOATS)),
+        steps=data.draw(mostly(st.integers(1, 4), st.integers(-1, 0))),
+        lr=data.draw(mostly(st.floats(2**-8, 0.1, width=32), FLOATS)),
+        binary_search_steps=data.draw(mostly(st.integers(1, 2), st.integers(-1, 0))),
+        early_abort=data.draw(st.booleans()), unroll=data.draw(mostly(st.integers(0, 3), st.just(-1))),
+        stochastic=False, eot_samples=1, key=mr.key(0)))
+
+
+def fuzz_core_square(data):
+    n, x, y, lo, hi, eps = _direct_inputs(data)
+    forward, params = _direct_forward()
+    _expect_ok_or_clear_error(lambda: _core.SquareEngine().run(
+        forward, params, x, y, eps, lo, hi,
+        num_classes=data.draw(mostly(st.just(3), st.integers(-1, 4))),
+        norm=data.draw(mostly(st.sampled_from(["linf", "l2"]), st.just("l0"))),
+        loss=data.draw(mostly(st.sampled_from(["ce", "margin"]), st.just("x"))),
+        n_queries=data.draw(mostly(st.integers(1, 12), st.integers(-1, 0))),
+        p_init=data.draw(mostly(st.floats(0.0625, 1.0, width=32), FLOATS)),
+        targeted=data.draw(st.booleans()), early_stop=data.draw(st.booleans()),
+        unroll=data.draw(mostly(st.integers(0, 3), st.just(-1))), stochastic=False, key=mr.key(0)))
+
+
+def fuzz_core_smoothing(data):
+    n, x, _, _, _, _ = _direct_inputs(data, n_extra_ok=False)
+    forward, params = _direct_forward()
+    nan_model = data.draw(st.integers(0, 4)) == 0
+
+    def fwd(p, xx):
+        z = forward(p, xx)
+        return mx.sqrt(z) if nan_model else z  # negative logits under noise: NaN draws
+
+    nk = data.draw(mostly(st.just(n), st.integers(0, 5)))
+    keys = mx.random.split(mr.key(0), max(nk, 1))[:nk]
+    out = _expect_ok_or_clear_error(lambda: _core.SmoothingEngine().vote_counts(
+        fwd, params, x, keys, n=data.draw(mostly(st.integers(1, 40), st.integers(-1, 0))),
+        sigma=data.draw(mostly(st.floats(2**-6, 1.0, width=32), FLOATS)),
+        batch_size=data.draw(mostly(st.integers(1, 32), st.integers(-1, 0))),
+        num_classes=data.draw(mostly(st.just(3), st.integers(-1, 4))), overlap=data.draw(st.booleans())))
+    counts = out[0] if isinstance(out, tuple) else out
+    if isinstance(counts, mx.array):
+        c = np.array(counts)
+        assert (c >= 0).all(), "negative vote counts"
+
+
+def fuzz_loss_helpers(data):
+    n = data.draw(st.integers(0, 4))
+    c = data.draw(mostly(st.integers(2, 4), st.integers(0, 1)))
+    logits = mx.array(np.random.default_rng(n).normal(size=(n, c)).astype(np.float32))
+    if data.draw(st.integers(0, 5)) == 0:
+        logits = logits * float("nan")
+    extra = data.draw(mostly(st.just(0), st.integers(-1, 1)))
+    y = mx.array(np.array(data.draw(st.lists(mostly(st.integers(0, max(c - 1, 0)), st.integers(-5, 9)),
+                                             min_size=max(n + extra, 0), max_size=max(n + extra, 0))),
+                          dtype=np.int32))
+    which = data.draw(st.sampled_from(["dlr", "dlr-t", "cw", "objective"]))
+    calls = {
+        "dlr": lambda: _core.dlr_loss(logits, y),
+        "dlr-t": lambda: _core.dlr_loss(logits, y, y),
+        "cw": lambda: _core.cw_margin_loss(logits, y, data.draw(mostly(st.just(0.0), FLOATS)),
+                                           data.draw(st.booleans())),
+        "objective": lambda: _core.attack_objective(logits, y, data.draw(st.sampled_from(["ce", "margin"]))),
+    }
+    out = _expect_ok_or_clear_error(calls[which])
+    if isinstance(out, mx.array):
+        mx.eval(out)
+
+
+def fuzz_stochastic(data):
+    """A random defence: the same key gives the same result whatever the batching and early stop."""
+    n = data.draw(st.integers(1, 5))
+    x = mx.array(np.random.default_rng(n).uniform(0, 1, (n, 4)).astype(np.float32))
+    y = mx.array(np.arange(n, dtype=np.int32) % 3)
+    robust = mr.RobustModel(MODELS[(4,)], input_shape=(4,), num_classes=3,
+                            noise=mr.GaussianNoise(data.draw(st.sampled_from([0.05, 0.3])), eot_samples=2))
+    attack = data.draw(st.sampled_from([mr.PGD(eps=0.1, steps=3), mr.PGD(eps=0.3, steps=2, early_stop=False),
+                                        mr.APGD(eps=0.1, steps=3), mr.FGSM(eps=0.2)]))
+    seed = data.draw(st.integers(0, 3))
+    out = _expect_ok_or_clear_error(lambda: [robust.attack(x, y, attack, key=mr.key(seed), batch_size=b)
+                                             for b in (None, data.draw(st.integers(1, 3)))])
+    if not isinstance(out, Exception):
+        a, b = out
+        assert np.array_equal(np.array(a.x_adv), np.array(b.x_adv)), "x_adv depends on batch_size"
+        assert np.array_equal(np.array(a.success), np.array(b.success)), "success depends on batch_size"
+
+
+def _with_timeout(fn: Callable[[], Any], seconds: float = 60.0) -> Any:
+    """Run fn in a thread; a hang (deadlock) fails the contract instead of stalling the fuzz."""
+    import threading
+
+    box: dict[str, Any] = {}
+
+    def run():
+        try:
+            box["out"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed back to the caller
+            box["exc"] = exc
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    if t.is_alive():
+        raise AssertionError(f"hung for more than {seconds} s")
+    if "exc" in box:
+        raise box["exc"]
+    return box.get("out")
+
+
+class _Reentrant(nn.Module):
+    """A model whose forward calls back into mlx-robust."""
+
+    def __init__(self, how: str, other: Any):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.how = how
+        self.other = other
+
+    def __call__(self, x):
+        if self.how == "validate":
+            mr.validate(x, bounds=(-10.0, 10.0), input_shape=(4,))
+        elif self.how == "predict":
+            self.other.predict(x)
+        elif self.how == "attack":
+            self.other.attack(x, mx.zeros((x.shape[0],), mx.int32), mr.FGSM(eps=0.1), key=mr.key(0))
+        return self.lin(x)
+
+
+def fuzz_reentrancy(data):
+    n = data.draw(st.integers(1, 3))
+    x = mx.array(np.random.default_rng(n).uniform(0, 1, (n, 4)).astype(np.float32))
+    other = mr.RobustModel(MODELS[(4,)], input_shape=(4,), num_classes=3)
+    how = data.draw(st.sampled_from(["validate", "predict", "attack"]))
+    robust = mr.RobustModel(_Reentrant(how, other), input_shape=(4,), num_classes=3,
+                            smoothing=mr.Smoothing(0.25, n=8, n0=4, batch_size=8) if data.draw(st.booleans()) else None)
+    which = data.draw(st.sampled_from(["pgd", "apgd", "certify", "predict"]))
+    calls = {
+        "pgd": lambda: robust.attack(x, None, mr.PGD(eps=0.1, steps=2), key=mr.key(0)),
+        "apgd": lambda: robust.attack(x, None, mr.APGD(eps=0.1, steps=2), key=mr.key(0)),
+        "certify": lambda: robust.certify(x, sigma=0.25, n0=4, n=8, key=mr.key(0), progress=False),
+        "predict": lambda: robust.predict(x),
+    }
+    _expect_ok_or_clear_error(lambda: _with_timeout(calls[which]))
+    # The core is usable afterwards (no lock left held).
+    _with_timeout(lambda: other.attack(x, None, mr.FGSM(eps=0.1), key=mr.key(0)))
+
+
+def fuzz_threads(data):
+    """Attacks and certifications in worker threads while another thread serves the same model."""
+    import threading
+
+    model = MODELS[(4,)]
+    n = data.draw(st.integers(1, 4))
+    x = mx.array(np.random.default_rng(n).uniform(0, 1, (n, 4)).astype(np.float32))
+    expected = np.array(model(x))
+    robust = mr.RobustModel(model, input_shape=(4,), num_classes=3)
+    work = data.draw(st.sampled_from(["attack", "certify", "apgd"]))
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                if not np.array_equal(np.array(model(x)), expected):
+                    errors.append("served logits changed")
+            except Exception as exc:  # noqa: BLE001
+                errors.append(f"{type(exc).__name__}: {exc}")
+
+    def job():
+        if work == "attack":
+            return robust.attack(x, None, mr.PGD(eps=0.1, steps=3), key=mr.key(0))
+        if work == "apgd":
+            return robust.attack(x, None, mr.APGD(eps=0.1, steps=3), key=mr.key(0))
+        return robust.certify(x, sigma=0.25, n0=4, n=16, key=mr.key(0), progress=False)
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        _expect_ok_or_clear_error(lambda: _with_timeout(job))
+    finally:
+        stop.set()
+        server.join(10)
+    assert not errors, errors[:3]
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def fuzz_signals(data):
+    """A signal handler's exception interrupts a long attack; the model and the next call are fine."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        return
+    model = MODELS[(4,)]
+    robust = mr.RobustModel(model, input_shape=(4,), num_classes=3)
+    x = mx.array(np.random.default_rng(0).uniform(0, 1, (8, 4)).astype(np.float32))
+    before = [np.array(p) for _, p in mr._functional.tree_flatten(model.parameters())]
+    attack = data.draw(st.sampled_from([mr.PGD(eps=0.1, steps=200_000, early_stop=False),
+                                        mr.APGD(eps=0.1, steps=200_000)]))
+
+    def handler(signum, frame):
+        raise _Interrupt("interrupted")
+
+    old = signal.signal(signal.SIGALRM, handler)
+    t0 = time.perf_counter()
+    try:
+        signal.setitimer(signal.ITIMER_REAL, data.draw(st.sampled_from([0.05, 0.2, 0.5])))
+        try:
+            robust.attack(x, None, attack, key=mr.key(0))
+        except _Interrupt:
+            pass
+        else:
+            raise AssertionError("a 200,000-step attack finished before the signal")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert time.perf_counter() - t0 < 10, "the signal was not honoured in time"
+    after = [np.array(p) for _, p in mr._functional.tree_flatten(model.parameters())]
+    assert all(np.array_equal(a, b) for a, b in zip(before, after)), "the model was changed"
+    robust.attack(x, None, mr.PGD(eps=0.1, steps=2), key=mr.key(0))  # the next call works
+
+
+class _Mutable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.scale = 1.0
+        self._bias = mx.zeros((3,))
+        self.act = nn.ReLU()
+
+    def __call__(self, x):
+        return self.lin(self.act(x)) * self.scale + self._bias
+
+
+def fuzz_mutable_state(data):
+    """Changing non-parameter state between calls: the same result as a fresh RobustModel."""
+    mx.random.seed(0)
+    model = _Mutable()
+    x = mx.array(np.random.default_rng(1).uniform(0, 1, (3, 4)).astype(np.float32))
+    y = mx.array(np.array([0, 1, 2], dtype=np.int32))
+    robust = mr.RobustModel(model, input_shape=(4,), num_classes=3)
+    attack = data.draw(st.sampled_from([mr.PGD(eps=0.2, steps=3), mr.APGD(eps=0.2, steps=3)]))
+    robust.attack(x, y, attack, key=mr.key(0))
+    change = data.draw(st.sampled_from(["scale", "bias", "act"]))
+    if change == "scale":
+        model.scale = data.draw(st.sampled_from([-1.0, 0.0, 3.0]))
+    elif change == "bias":
+        model._bias = mx.array([5.0, -5.0, 0.0])
+    else:
+        model.act = data.draw(st.sampled_from([nn.Sigmoid(), nn.Tanh(), nn.Identity()]))
+    got = robust.attack(x, y, attack, key=mr.key(0))
+    fresh = mr.RobustModel(model, input_shape=(4,), num_classes=3).attack(x, y, attack, key=mr.key(0))
+    assert np.allclose(np.array(got.logits), np.array(fresh.logits), atol=1e-5), f"stale graph after {change}"
+    assert np.array_equal(np.array(got.success), np.array(fresh.success)), f"stale graph after {change}"
+    assert np.array_equal(np.array(robust.predict(x)), np.array(fresh.predict(x))), f"stale predict after {change}"
+
+
+def fuzz_oversized_files(data):
+    """Compressed and header-declared sizes far beyond the payload: a ValueError, quickly, in bounded memory."""
+    import gzip
+    import struct
+    import zipfile
+
+    kind = data.draw(st.sampled_from(["idx-gz-bomb", "idx-header", "npz-header", "npz-bomb"]))
+    with tempfile.TemporaryDirectory() as d:
+        p = os.path.join(d, "f.gz" if kind.startswith("idx") else "f.npz")
+        big = data.draw(st.sampled_from([2**20, 2**31, 2**40]))
+        if kind == "idx-gz-bomb":
+            with gzip.open(p, "wb", compresslevel=9) as f:
+                f.write(struct.pack(">IIII", 0x803, 60000, 28, 28))
+                chunk = bytes(2**20)
+                for _ in range(data.draw(st.integers(1, 64))):
+                    f.write(chunk)
+        elif kind == "idx-header":
+            with gzip.open(p, "wb") as f:
+                f.write(struct.pack(">IIII", 0x803, big, 28, 28) + bytes(data.draw(st.integers(0, 64))))
+        else:
+            header = {"descr": "<f4", "fortran_order": False, "shape": (big, 4)}
+            buf = io.BytesIO()
+            np.lib.format.write_array_header_1_0(buf, header)
+            if kind == "npz-bomb":
+                buf.write(bytes(min(big * 16, data.draw(st.sampled_from([2**16, 2**24])))))
+            with zipfile.ZipFile(p, "w", compression=zipfile.ZIP_DEFLATED) as z:
+                z.writestr("x.npy", buf.getvalue())
+                z.writestr("y.npy", b"")
+        t0 = time.perf_counter()
+        if kind.startswith("idx"):
+            out = _expect_ok_or_clear_error(lambda: mr.datasets.load_mnist_idx(p, p, max_bytes=2**24))
+        else:
+            out = _expect_ok_or_clear_error(lambda: mr.datasets.load_npz(p, max_bytes=2**24))
+        assert isinstance(out, ValueError), f"expected a ValueError, got {out!r}"
+        assert os.path.basename(p) in str(out), f"the error does not name the file: {out}"
+        assert time.perf_counter() - t0 < 20, "refusing took too long"
+
+
 TARGETS = {
     "validate": fuzz_validate,
     "attack": fuzz_attack,
@@ -419,6 +768,17 @@ TARGETS = {
     "smoothing": fuzz_smoothing,
     "stats": fuzz_stats,
     "training": fuzz_training,
+    "core_apgd": fuzz_core_apgd,
+    "core_cw": fuzz_core_cw,
+    "core_square": fuzz_core_square,
+    "core_smoothing": fuzz_core_smoothing,
+    "loss_helpers": fuzz_loss_helpers,
+    "stochastic": fuzz_stochastic,
+    "reentrancy": fuzz_reentrancy,
+    "threads": fuzz_threads,
+    "signals": fuzz_signals,
+    "mutable_state": fuzz_mutable_state,
+    "oversized_files": fuzz_oversized_files,
 }
 
 

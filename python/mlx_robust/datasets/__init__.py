@@ -306,9 +306,13 @@ def load_npz(
         )
 
     if x.dtype.kind == "f":
-        x32 = x.astype(np.float32)
+        x32 = x.astype(np.float32, copy=False)  # float32 data: no copy
         del x
-        if not np.isfinite(x32).all():
+        flat = x32.reshape(-1)
+        if not all(
+            np.isfinite(flat[i : i + _CHUNK]).all()
+            for i in range(0, flat.size, _CHUNK)
+        ):
             raise ValueError(
                 f"{where}: {x_key!r} contains NaN or infinite values "
                 f"(after conversion to float32)"

@@ -226,3 +226,226 @@ def test_npz_loads_identically(tmp_path, compressed, dtype):
     # Fortran-ordered arrays keep their values
     np.savez(p, x=np.asfortranarray(x), y=y)
     np.testing.assert_array_equal(np.array(load_npz(p)[0]), want)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints: unique temporary names, planted links, stale temporary files; resume
+
+
+import mlx.nn as nn  # noqa: E402
+import mlx.optimizers as optim  # noqa: E402
+
+import mlx_robust as mr  # noqa: E402
+
+
+def _tiny(seed=0):
+    mx.random.seed(seed)
+    model = mr.models.MLP(64, hidden=(8,), num_classes=10)
+    mx.eval(model.parameters())
+    return model
+
+
+@pytest.fixture(scope="module")
+def small_data():
+    x, y = mr.datasets.load_digits("train")
+    return x[:64], y[:64]
+
+
+def _train(data, **kw):
+    kw = {"epochs": 1, "batch_size": 32, "method": "standard", "progress": False, "compile": False, **kw}
+    return mr.train(kw.pop("model", None) or _tiny(), *data, **kw)
+
+
+def test_checkpoint_never_writes_through_a_planted_link(small_data, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    ckpt = tmp_path / "run.safetensors"
+    (tmp_path / "run.tmp.safetensors").symlink_to(victim)  # the old fixed temporary name
+    _train(small_data, checkpoint=ckpt)
+    assert victim.read_text() == "precious"
+    assert (tmp_path / "run.tmp.safetensors").is_symlink()
+    assert ckpt.is_file() and not ckpt.is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.safetensors", "run.tmp.safetensors",
+                                                          "victim.txt"]
+
+
+def test_checkpoint_removes_temporary_files_of_a_killed_save(small_data, tmp_path):
+    ckpt = tmp_path / "run.safetensors"
+    _train(small_data, checkpoint=ckpt)
+    stale = tmp_path / "run.k1ll3d_x.tmp.safetensors"
+    stale.write_bytes(b"half a checkpoint")
+    other = tmp_path / "run.notours.safetensors"  # not a name of ours: left alone
+    other.write_bytes(b"user file")
+    _train(small_data, checkpoint=ckpt)  # finished run: resumes to nothing, still cleans up
+    assert not stale.exists() and other.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.notours.safetensors", "run.safetensors"]
+
+
+def test_checkpoint_save_error_leaves_no_temporary_file(small_data, tmp_path, monkeypatch):
+    def boom(file, arrays, metadata=None):
+        if isinstance(file, (str, os.PathLike)):
+            file = open(file, "wb")
+        file.write(b"partial")
+        file.flush()
+        raise OSError("disk full")
+
+    monkeypatch.setattr(mx, "save_safetensors", boom)
+    with pytest.raises(OSError, match="disk full"):
+        _train(small_data, checkpoint=tmp_path / "run.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_keeps_the_users_learning_rate_and_restores_the_step_count(small_data, tmp_path):
+    ckpt = tmp_path / "run.safetensors"
+    _train(small_data, checkpoint=ckpt, optimizer=optim.Adam(learning_rate=1e-3))
+    opt = optim.Adam(learning_rate=1e-4)
+    hist = _train(small_data, model=_tiny(5), epochs=2, checkpoint=ckpt, optimizer=opt)
+    assert hist[0].learning_rate == pytest.approx(1e-3) and hist[1].learning_rate == pytest.approx(1e-4)
+    assert float(opt.learning_rate) == pytest.approx(1e-4)
+    assert int(opt.state["step"]) == 4  # 2 batches per epoch, the first epoch's restored
+    # a schedule continues from the restored step count, as in the uninterrupted run
+    sched = optim.exponential_decay(1e-2, 0.5)
+    straight = _train(small_data, epochs=2, learning_rate=sched)
+    ckpt2 = tmp_path / "sched.safetensors"
+    _train(small_data, checkpoint=ckpt2, learning_rate=sched)
+    resumed = _train(small_data, epochs=2, checkpoint=ckpt2, learning_rate=sched)
+    assert resumed[1].learning_rate == straight[1].learning_rate == pytest.approx(1e-2 * 0.5**3)
+
+
+def test_resume_refuses_another_optimizer_type(small_data, tmp_path):
+    ckpt = tmp_path / "run.safetensors"
+    _train(small_data, checkpoint=ckpt, optimizer=optim.Adam(learning_rate=1e-3))
+    with pytest.raises(ValueError, match="Adam.*SGD") as ei:
+        _train(small_data, epochs=2, checkpoint=ckpt, optimizer=optim.SGD(learning_rate=0.1))
+    assert str(ckpt) in str(ei.value)
+    # a checkpoint without the optimizer's name (older files): its state's layout is compared
+    arrays, meta = mx.load(str(ckpt), return_metadata=True)
+    meta.pop("optimizer", None)
+    mx.save_safetensors(str(ckpt), arrays, metadata=meta)
+    with pytest.raises(ValueError, match="optimizer state"):
+        _train(small_data, epochs=2, checkpoint=ckpt, optimizer=optim.SGD(learning_rate=0.1))
+    assert len(_train(small_data, epochs=2, checkpoint=ckpt)) == 2  # default Adam resumes
+
+
+# --------------------------------------------------------------------------------------------
+# Command line: report files, --model, integer options
+
+
+from mlx_robust import cli  # noqa: E402
+
+
+def test_cli_report_files_replace_planted_links(tmp_path, capsys):
+    x, y = mr.datasets.load_digits("test")
+    model = _tiny(1)
+    robust = mr.RobustModel(model, bounds=(0.0, 1.0), input_shape=(8, 8, 1))
+    report = mr.evaluate(robust, x[:8], y[:8], attacks=["fgsm"], eps=[0.1], key=mr.key(0), progress=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    victims = {}
+    for name in ("report.md", "report.json", "robust_accuracy.png"):
+        victims[name] = tmp_path / f"victim-{name}"
+        victims[name].write_text("precious")
+        (out / name).symlink_to(victims[name])
+    (out / "report.0ld0ld0l.tmp.md").write_text("left by a killed run")
+    cli._write_report(report, str(out))
+    for name, victim in victims.items():
+        assert victim.read_text() == "precious", name
+        if name != "robust_accuracy.png" or cli._have_matplotlib():
+            assert (out / name).is_file() and not (out / name).is_symlink(), name
+    assert (out / "report.md").read_text() == report.to_markdown()
+    assert not any(".tmp" in p.name for p in out.iterdir())
+
+
+def test_write_replacing_cleans_up_after_an_error(tmp_path):
+    def fail(tmp):
+        with open(tmp, "w") as f:
+            f.write("partial")
+        raise RuntimeError("plot failed")
+
+    with pytest.raises(RuntimeError):
+        cli.write_replacing(str(tmp_path / "a.png"), fail)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def module_dir(tmp_path, monkeypatch):
+    (tmp_path / "trust_cwd_mod.py").write_text(textwrap.dedent(f"""
+        import os
+        open({str(tmp_path / 'ran')!r}, 'w').close()
+        import mlx_robust as mr
+        VALUE = 3
+        def make():
+            return mr.models.MLP(64, hidden=(8,), num_classes=10)
+        def not_a_model():
+            return "model"
+    """))
+    monkeypatch.chdir(tmp_path)
+    for name in ("trust_cwd_mod",):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    yield tmp_path
+    sys.modules.pop("trust_cwd_mod", None)
+
+
+def test_model_from_the_current_directory_is_not_imported(module_dir):
+    assert "" not in sys.path and os.getcwd() not in sys.path
+    with pytest.raises(ValueError, match="cannot load --model"):
+        cli.load_model("trust_cwd_mod:make")
+    assert not (module_dir / "ran").exists()
+
+
+def test_model_target_must_be_callable_and_return_a_module(module_dir, monkeypatch):
+    monkeypatch.syspath_prepend(str(module_dir))
+    assert isinstance(cli.load_model("trust_cwd_mod:make"), nn.Module)
+    with pytest.raises(ValueError, match="must name a callable.*got int"):
+        cli.load_model("trust_cwd_mod:VALUE")
+    with pytest.raises(ValueError, match="must return an mlx.nn.Module, got str"):
+        cli.load_model("trust_cwd_mod:not_a_model")
+
+
+def test_model_help_says_it_runs_code(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["evaluate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "runs" in text.lower() or "running" in text.lower()
+    assert "python -m" in text and "PYTHONPATH" in text
+
+
+@pytest.mark.parametrize("option", ["--limit", "--batch-size"])
+@pytest.mark.parametrize("value", ["0", "-8", "x"])
+@pytest.mark.parametrize("command", ["evaluate", "certify"])
+def test_cli_integer_options_must_be_positive(capsys, option, value, command):
+    extra = ["--sigma", "0.25"] if command == "certify" else []
+    with pytest.raises(SystemExit) as ei:
+        cli.main([command, "--model", "m:f", "--data", "d.npz", *extra, option, value])
+    assert ei.value.code == 2
+    assert option in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# Scalar settings finite in float64 but infinite in float32
+
+
+@pytest.mark.parametrize("make, name", [
+    (lambda: mr.PGD(eps=1e39), "eps"),
+    (lambda: mr.PGD(eps=np.array([0.1, 1e39])), "eps"),
+    (lambda: mr.PGD(eps=0.1, step_size=1e39), "step_size"),
+    (lambda: mr.PGD(eps=np.float64(-1e39)), "eps"),
+    (lambda: mr.FGSM(eps=1e39), "eps"),
+    (lambda: mr.APGD(eps=1e39), "eps"),
+    (lambda: mr.APGDT(eps=1e39), "eps"),
+    (lambda: mr.CW(c=1e39), "c"),
+    (lambda: mr.CW(lr=1e39), "lr"),
+    (lambda: mr.CW(kappa=1e39), "kappa"),
+    (lambda: mr.Square(eps=1e39), "eps"),
+    (lambda: mr.GaussianNoise(std=1e39), "std"),
+    (lambda: mr.Smoothing(sigma=1e39), "sigma"),
+])
+def test_settings_must_be_finite_in_float32(make, name):
+    with pytest.raises(ValueError, match=rf"^{name} must be .*float32"):
+        make()
+
+
+def test_settings_at_the_float32_limit_are_accepted():
+    big = float(np.finfo(np.float32).max)
+    assert mr.PGD(eps=big, step_size=big).eps == big
+    assert mr.CW(c=big).c == big

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
+import tempfile
 import time
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -16,22 +18,38 @@ import mlx.nn as nn
 def load_model(spec: str, weights: Optional[str] = None) -> nn.Module:
     """Build ``module:factory`` (a callable returning an ``nn.Module``) and load ``weights``.
 
-    Raises ValueError with the reason for a bad spec, a factory that does not return a module, or a
-    weights file that does not match the model (MLX names the parameters that differ).
+    This imports ``module`` and calls ``factory()``: like ``python -m``, it runs that module's
+    code, so name only code you trust. The module is found on ``sys.path`` as it is (an installed
+    package, or ``PYTHONPATH``); the current directory is not added to it. ``factory`` may also
+    name an ``nn.Module`` instance, which is used as it is.
+
+    Raises ValueError with the reason for a bad spec, a factory that is not callable or does not
+    return a module, or a weights file that does not match the model (MLX names the parameters
+    that differ).
     """
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"--model must look like 'package.module:factory', got {spec!r}")
-    sys.path.insert(0, os.getcwd())  # a module next to the user's data, as python -m would find it
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
-        raise ValueError(f"cannot load --model {spec!r}: {exc}") from exc
-    finally:
-        sys.path.pop(0)
-    model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"--model {spec!r} must give an mlx.nn.Module, got {type(model).__name__}")
+        raise ValueError(
+            f"cannot load --model {spec!r}: {exc} (the module must be importable: installed, or on "
+            f"PYTHONPATH; the current directory is not searched)"
+        ) from exc
+    if isinstance(factory, nn.Module):
+        model = factory
+    elif not callable(factory):
+        raise ValueError(
+            f"--model {spec!r} must name a callable that returns an mlx.nn.Module (a class or a "
+            f"function), got {type(factory).__name__}"
+        )
+    else:
+        model = factory()
+        if not isinstance(model, nn.Module):
+            raise ValueError(
+                f"--model {spec!r} must return an mlx.nn.Module, got {type(model).__name__}"
+            )
     if weights is not None:
         if not os.path.exists(weights):
             raise ValueError(f"--weights file {weights!r} does not exist")
@@ -42,6 +60,49 @@ def load_model(spec: str, weights: Optional[str] = None) -> nn.Module:
     mx.eval(model.parameters())
     model.eval()
     return model
+
+
+def _remove_stale_temps(folder: str, stem: str, ext: str) -> None:
+    """Remove temporary files an interrupted :func:`write_replacing` left for ``stem + ext``."""
+    pattern = re.compile(re.escape(stem) + r"\.[a-z0-9_]{8}\.tmp" + re.escape(ext))
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        if pattern.fullmatch(entry.name) and not entry.is_dir(follow_symlinks=False):
+            try:
+                os.unlink(entry.path)
+            except OSError:
+                pass
+
+
+def write_replacing(path: str, write: Callable[[str], None]) -> None:
+    """Write the file ``path`` with ``write(tmp)``, never through a link planted at ``path``.
+
+    ``write`` gets the name of a fresh, exclusively created file in the same folder (same
+    extension, for tools that go by it), which then replaces ``path`` with ``os.replace``: a
+    symbolic link at ``path`` is replaced itself, its target is never written. The temporary
+    file is removed if ``write`` fails, and any left by an interrupted run are removed first.
+    """
+    folder = os.path.dirname(path) or "."
+    stem, ext = os.path.splitext(os.path.basename(path))
+    _remove_stale_temps(folder, stem, ext)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=stem + ".", suffix=".tmp" + ext)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+
+
+def _write_text(text: str) -> Callable[[str], None]:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+    return write
 
 
 def _have_matplotlib() -> bool:
@@ -57,11 +118,10 @@ def _write_report(report, out: Optional[str]) -> None:
     if not out:
         return
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write(report.to_markdown())
-    report.to_json(os.path.join(out, "report.json"))
+    write_replacing(os.path.join(out, "report.md"), _write_text(report.to_markdown()))
+    write_replacing(os.path.join(out, "report.json"), report.to_json)
     try:
-        report.plot(os.path.join(out, "robust_accuracy.png"))
+        write_replacing(os.path.join(out, "robust_accuracy.png"), report.plot)
         print(f"wrote {out}/report.md, report.json and robust_accuracy.png")
     except ImportError as exc:
         print(f"wrote {out}/report.md and report.json ({exc})")
@@ -122,9 +182,14 @@ def demo(args: argparse.Namespace) -> int:
     print(adversarial_training_demo(x_train, y_train, x_test, y_test, eps=DEMO_AT_EPS, steps=20,
                                     epochs=args.at_epochs, seed=args.seed))
     plot = os.path.join(args.out, "certified_accuracy.png") if args.out and _have_matplotlib() else None
-    print("\n" + certified_demo_line(model, x_test, y_test, seed=args.seed, plot=plot))
     if plot:
+        lines: list[str] = []
+        write_replacing(plot, lambda tmp: lines.append(
+            certified_demo_line(model, x_test, y_test, seed=args.seed, plot=tmp)))
+        print("\n" + lines[0])
         print(f"wrote {plot}")
+    else:
+        print("\n" + certified_demo_line(model, x_test, y_test, seed=args.seed, plot=None))
     return 0
 
 
@@ -148,6 +213,23 @@ def evaluate_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+_MODEL_HELP = ("'package.module:factory' returning an mlx.nn.Module. This imports the module and "
+               "calls factory(), running their code like 'python -m' would: name only code you "
+               "trust. The module must be importable (installed, or on PYTHONPATH, e.g. "
+               "PYTHONPATH=. for a file in the current folder)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     import mlx_robust as mr
     from mlx_robust.evaluate import attack_names
@@ -167,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=demo)
 
     p = sub.add_parser("evaluate", help="evaluate a model on your data under an attack ensemble")
-    p.add_argument("--model", required=True, help="'package.module:factory' returning an mlx.nn.Module")
+    p.add_argument("--model", required=True, help=_MODEL_HELP)
     p.add_argument("--weights", help=".safetensors/.npz weights for the model (model.load_weights)")
     p.add_argument("--data", required=True, help=".npz with arrays x (N, ...) in the bounds and y (N,)")
     p.add_argument("--eps", nargs="+", type=float, default=[0.0, 0.1, 0.2, 0.3], help="radii")
@@ -175,8 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attacks (default: apgd-ce apgd-t square, with per-sample early stop)")
     p.add_argument("--norm", choices=["linf", "l2"], default="linf")
     p.add_argument("--bounds", nargs=2, type=float, default=[0.0, 1.0], metavar=("LO", "HI"))
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
+    p.add_argument("--batch-size", type=positive_int, default=None)
+    p.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N samples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="folder for report.md, report.json, robust_accuracy.png")
     p.set_defaults(func=evaluate_cmd)
@@ -184,20 +266,20 @@ def build_parser() -> argparse.ArgumentParser:
     from mlx_robust.smoothing import certify_command
 
     p = sub.add_parser("certify", help="certified L2 accuracy of a model under randomized smoothing")
-    p.add_argument("--model", required=True, help="'package.module:factory' returning an mlx.nn.Module")
+    p.add_argument("--model", required=True, help=_MODEL_HELP)
     p.add_argument("--weights", help=".safetensors/.npz weights for the model (model.load_weights)")
     p.add_argument("--data", required=True, help=".npz with arrays x (N, ...) in the bounds and y (N,)")
     p.add_argument("--sigma", nargs="+", type=float, required=True,
                    help="noise levels to certify at (one table row each), e.g. 0.12 0.25 0.5")
-    p.add_argument("--n0", type=int, default=100, help="selection samples per input (default 100)")
-    p.add_argument("--n", type=int, default=10_000,
+    p.add_argument("--n0", type=positive_int, default=100, help="selection samples per input (default 100)")
+    p.add_argument("--n", type=positive_int, default=10_000,
                    help="estimation samples per input (default 10000; the paper uses 100000)")
     p.add_argument("--alpha", type=float, default=0.001, help="failure probability (default 0.001)")
     p.add_argument("--radii", nargs="+", type=float, default=[0.0, 0.25, 0.5, 0.75, 1.0],
                    help="L2 radii of the table (default 0 0.25 0.5 0.75 1)")
     p.add_argument("--bounds", nargs=2, type=float, default=[0.0, 1.0], metavar=("LO", "HI"))
-    p.add_argument("--batch-size", type=int, default=1000, help="noisy copies per model call")
-    p.add_argument("--limit", type=int, default=None, help="certify only the first N samples")
+    p.add_argument("--batch-size", type=positive_int, default=1000, help="noisy copies per model call")
+    p.add_argument("--limit", type=positive_int, default=None, help="certify only the first N samples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="folder for certified_accuracy.md and .png")
     p.set_defaults(func=certify_command)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
 import mlx.core as mx
+
+from mlx_robust.attacks.base import finite32, float32_note
 
 
 @dataclass(frozen=True)
@@ -28,8 +29,8 @@ class GaussianNoise:
     eot_samples: int = 10
 
     def __post_init__(self) -> None:
-        if isinstance(self.std, bool) or not isinstance(self.std, (int, float)) or not math.isfinite(self.std) or self.std <= 0:
-            raise ValueError(f"std must be a finite number > 0, got {self.std!r}")
+        if isinstance(self.std, bool) or not isinstance(self.std, (int, float)) or not finite32(self.std) or self.std <= 0:
+            raise ValueError(f"std must be a finite number > 0, got {self.std!r}{float32_note(self.std)}")
         if isinstance(self.eot_samples, bool) or not isinstance(self.eot_samples, int) or self.eot_samples < 1:
             raise ValueError(f"eot_samples must be an integer >= 1, got {self.eot_samples!r}")
         object.__setattr__(self, "std", float(self.std))

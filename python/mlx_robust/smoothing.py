@@ -29,6 +29,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_robust import _functional
+from mlx_robust.attacks.base import finite32, float32_note
 
 if TYPE_CHECKING:  # pragma: no cover
     from mlx_robust.model import RobustModel
@@ -113,8 +114,8 @@ def _check_count(v: Any, name: str, minimum: int = 1) -> int:
 def _check_sigma(v: Any, name: str = "sigma") -> float:
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.number)):
         raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
-    if not math.isfinite(float(v)) or float(v) <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+    if not finite32(float(v)) or float(v) <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {v!r}{float32_note(float(v))}")
     return float(v)
 
 

@@ -12,6 +12,8 @@ import dataclasses
 import json
 import math
 import os
+import re
+import tempfile
 import time
 from functools import partial
 from pathlib import Path
@@ -116,16 +118,47 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
+def _temp_pattern(path: Path) -> "re.Pattern[str]":
+    """Names of our temporary checkpoint files: ``<stem>.<8 random chars>.tmp.safetensors``."""
+    stem = path.name[: -len(".safetensors")]
+    return re.compile(re.escape(stem) + r"\.[a-z0-9_]{8}\.tmp\.safetensors")
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Remove temporary files that a killed save of this checkpoint left in its folder (only
+    names of the form :func:`tempfile.mkstemp` gave them; links are removed, never followed)."""
+    pattern = _temp_pattern(path)
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return
+    for entry in entries:
+        if pattern.fullmatch(entry.name) and not entry.is_dir(follow_symlinks=False):
+            try:
+                os.unlink(entry.path)
+            except OSError:
+                pass
+
+
 def _save_checkpoint(path: Path, model: nn.Module, optimizer: optim.Optimizer, history: TrainHistory,
                      epoch: int, method: str, seed: int) -> None:
     arrays = {f"model/{k}": v for k, v in tree_flatten(model.parameters())}
     arrays.update({f"optimizer/{k}": v for k, v in tree_flatten(optimizer.state)})
     meta = {"format": _FORMAT, "epoch": str(epoch), "method": method, "seed": str(seed),
-            "history": history.to_json()}
+            "optimizer": type(optimizer).__name__, "history": history.to_json()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name[: -len(".safetensors")] + ".tmp.safetensors")
-    mx.save_safetensors(str(tmp), arrays, metadata=meta)
-    os.replace(tmp, path)  # never leave a half-written checkpoint behind
+    _remove_stale_temps(path)
+    # A fresh, exclusively created name in the target folder (never a planted link), renamed
+    # over the checkpoint once complete: never a half-written checkpoint, never a stray file.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name[: -len(".safetensors")] + ".",
+                               suffix=".tmp.safetensors")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            mx.save_safetensors(f, arrays, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
 
 
 def _load_checkpoint(path: Path, model: nn.Module, optimizer: optim.Optimizer, method: str,
@@ -145,9 +178,32 @@ def _load_checkpoint(path: Path, model: nn.Module, optimizer: optim.Optimizer, m
     expected = dict(tree_flatten(model.parameters()))
     if params.keys() != expected.keys() or any(params[k].shape != expected[k].shape for k in params):
         raise ValueError(f"{path}: the checkpoint's parameters do not match the model's names and shapes")
+    saved_type, this_type = meta.get("optimizer"), type(optimizer).__name__
+    if saved_type is not None and saved_type != this_type:
+        raise ValueError(
+            f"{path}: checkpoint was written with optimizer {saved_type}, but this run passes "
+            f"{this_type}; resume with a {saved_type} optimizer, or use another checkpoint path or "
+            f"resume=False"
+        )
+    # Restore the optimizer's state (moments, step count), not its hyper-parameters: the scalar
+    # entries at the top of the state other than "step" (learning_rate, ...) stay the user's.
+    optimizer.init(model.trainable_parameters())
+    saved = {k[len("optimizer/"):]: v for k, v in arrays.items() if k.startswith("optimizer/")}
+    current = dict(tree_flatten(optimizer.state))
+    hyper = {k for k in current if "." not in k and k != "step"}
+    saved_hyper = {k for k in saved if "." not in k and k != "step"}
+    restored = {k: v for k, v in saved.items() if k not in saved_hyper}
+    if (saved_hyper != hyper or restored.keys() != current.keys() - hyper
+            or any(restored[k].shape != current[k].shape for k in restored)):
+        raise ValueError(
+            f"{path}: the checkpoint's optimizer state does not match this run's {this_type} "
+            f"(was it written with another optimizer?); use another checkpoint path or resume=False"
+        )
     model.update(tree_unflatten(list(params.items())))
-    opt = [(k[len("optimizer/"):], v) for k, v in arrays.items() if k.startswith("optimizer/")]
-    optimizer.state = tree_unflatten(opt)
+    state = tree_unflatten(list(restored.items()))
+    for k in hyper:
+        state[k] = optimizer.state[k]
+    optimizer.state = state
     optimizer.init(model.trainable_parameters())
     return int(meta["epoch"]), TrainHistory.from_json(meta["history"])
 
@@ -212,6 +268,12 @@ def train(
         checkpoint: a ``.safetensors`` path written after every epoch (model, optimizer state,
             history); with ``resume`` (default) an existing file is loaded and training continues
             after its last epoch. Resuming reproduces the uninterrupted run (same shuffles, keys).
+            Resuming restores the optimizer's state (moments, step count) but not its
+            hyper-parameters: the learning rate or schedule of this call's ``optimizer`` /
+            ``learning_rate`` applies (a schedule continues from the restored step count). A
+            checkpoint written with another optimizer type is refused (ValueError naming both).
+            The file is written under a fresh temporary name in its folder and renamed over
+            ``checkpoint``; temporary files left by an interrupted save are removed.
         seed: seeds the shuffling, the attack keys and ``mx.random`` (reseeded every epoch from
             ``seed`` and the epoch, for dropout and noise inside the compiled step).
         progress: tqdm bar per epoch and one summary line per epoch (rank 0 only).
@@ -308,6 +370,8 @@ def train(
 
     history = TrainHistory(method, None if eval_attack is None else eval_attack.name)
     start = 0
+    if checkpoint is not None and rank == 0:
+        _remove_stale_temps(checkpoint)
     if checkpoint is not None and resume and checkpoint.exists():
         start, history = _load_checkpoint(checkpoint, net, optimizer, method, seed)
 

@@ -76,14 +76,30 @@ def scalar(v: object) -> Optional[float]:
     return None
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def finite32(value: float) -> bool:
+    """Whether ``value`` is finite and stays finite as float32 (the attacks compute in float32:
+    1e39 is finite in float64 but infinite in float32)."""
+    return math.isfinite(value) and abs(value) <= FLOAT32_MAX
+
+
+def float32_note(value: float) -> str:
+    """What to add to a "must be a finite number" error for a value only float32 overflows."""
+    if math.isfinite(value) and not finite32(value):
+        return f" (infinite in float32, whose largest value is {FLOAT32_MAX:.8g})"
+    return ""
+
+
 def check_positive(value: object, name: str, allow_zero: bool) -> object:
     """Validate a scalar or per-sample (N,) setting; returns it with scalars as float."""
     op = ">= 0" if allow_zero else "> 0"
     bad = (lambda a: a < 0) if allow_zero else (lambda a: a <= 0)
     s = scalar(value)
     if s is not None:
-        if not math.isfinite(s) or bad(s):
-            raise ValueError(f"{name} must be a finite number {op}, got {s}")
+        if not finite32(s) or bad(s):
+            raise ValueError(f"{name} must be a finite number {op}, got {s}{float32_note(s)}")
         return s
     try:
         arr = np.asarray(value, dtype=np.float64)
@@ -91,9 +107,11 @@ def check_positive(value: object, name: str, allow_zero: bool) -> object:
         raise TypeError(f"{name} must be a number or a per-sample vector of shape (N,)") from exc
     if arr.ndim != 1:
         raise ValueError(f"{name} must be a number or a per-sample vector of shape (N,), got shape {arr.shape}")
-    if not np.all(np.isfinite(arr)) or np.any(bad(arr)):
+    if not np.all(np.isfinite(arr) & (np.abs(arr) <= FLOAT32_MAX)) or np.any(bad(arr)):
         every = "finite and >= 0" if allow_zero else "> 0 and finite"
-        raise ValueError(f"{name} must be {every} for every sample")
+        raise ValueError(
+            f"{name} must be {every} for every sample (finite in float32: at most {FLOAT32_MAX:.8g})"
+        )
     return value
 
 

@@ -6,14 +6,13 @@ https://arxiv.org/abs/1608.04644.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
 import mlx.core as mx
 
 from mlx_robust import _functional
-from mlx_robust.attacks.base import Attack, AttackResult, is_int, scalar
+from mlx_robust.attacks.base import Attack, AttackResult, finite32, float32_note, is_int, scalar
 
 if TYPE_CHECKING:  # pragma: no cover
     from mlx_robust.model import RobustModel
@@ -25,8 +24,10 @@ def _number(value: object, name: str, allow_zero: bool) -> float:
     except TypeError:
         s = None
     op = ">= 0" if allow_zero else "> 0"
-    if s is None or not math.isfinite(s) or s < 0 or (s == 0 and not allow_zero):
-        raise ValueError(f"{name} must be a finite number {op}, got {value!r}")
+    if s is None or not finite32(s) or s < 0 or (s == 0 and not allow_zero):
+        raise ValueError(
+            f"{name} must be a finite number {op}, got {value!r}{'' if s is None else float32_note(s)}"
+        )
     return s
 
 

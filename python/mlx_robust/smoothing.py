@@ -225,6 +225,10 @@ class Certification(_CertificationFields):
     def __getnewargs__(self) -> tuple[mx.array, mx.array, mx.array]:
         return (self.prediction, self.radius, self.nonfinite)
 
+    @classmethod
+    def _make(cls, iterable: Any) -> "Certification":
+        return cls(*iterable)
+
     def _replace(self, **changes: Any) -> "Certification":
         values = dict(prediction=self.prediction, radius=self.radius, nonfinite=self.nonfinite)
         values.update(changes)

@@ -1,5 +1,6 @@
 // Python bindings for randomized smoothing and certification statistics: conversions and calls only.
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
@@ -30,30 +31,38 @@ void init_smoothing(nb::module_& m) {
             cfg.num_classes = num_classes;
             cfg.overlap = overlap;
             auto fn = borrow_forward(forward, "certify");
-            nb::gil_scoped_release nogil;
-            return self.vote_counts(fn, params, x, keys, cfg);
+            Votes votes = [&] {
+              nb::gil_scoped_release nogil;
+              return self.vote_counts(fn, params, x, keys, cfg);
+            }();
+            return nb::make_tuple(votes.counts, votes.nonfinite);
           },
           "forward"_a, "params"_a, "x"_a, "keys"_a, nb::kw_only(), "n"_a, "sigma"_a, "batch_size"_a,
           "num_classes"_a, "overlap"_a = true,
-          "Class votes (N, num_classes) int32 of argmax forward(params, x_i + N(0, sigma^2 I)) over n "
-          "draws per input, in chunks of batch_size rows; chunk c of input i uses key "
-          "split(keys[i], chunks)[c]. `forward(params, x)` is called only while tracing.");
+          "(counts, nonfinite): class votes (N, num_classes) int32 of argmax forward(params, x_i + "
+          "N(0, sigma^2 I)) over n draws per input, in chunks of batch_size rows (chunk c of input i "
+          "uses key split(keys[i], chunks)[c]), and the draws (N,) int32 whose logits were not all "
+          "finite, which vote for no class. `forward(params, x)` is called only while tracing.");
   bind_engine_common(smoothing_engine);
 
   m.def("chunk_rows", &chunk_rows, "n"_a, "batch_size"_a,
       "Rows of each model batch drawing n noisy copies of one input: full batches, then the rest.");
-  m.def("smoothed_predict", &smoothed_predict, "counts"_a, "alpha"_a,
+  m.def("smoothed_predict", &smoothed_predict, "counts"_a, "alpha"_a, "nonfinite"_a = nb::none(),
       "PREDICT (Cohen et al. 2019) on vote counts (N, C): the top class, or -1 where the two-sided "
-      "binomial test of the top two counts has p-value > alpha.");
+      "binomial test of the top two counts has p-value > alpha, or where no draw voted (nonfinite: "
+      "(N,) draws that voted for no class).");
   m.def(
       "certify_from_counts",
-      [](const mx::array& counts0, const mx::array& counts, double sigma, double alpha) {
-        auto c = certify_from_counts(counts0, counts, sigma, alpha);
+      [](const mx::array& counts0, const mx::array& counts, double sigma, double alpha,
+         const std::optional<mx::array>& nonfinite0, const std::optional<mx::array>& nonfinite) {
+        auto c = certify_from_counts(counts0, counts, sigma, alpha, nonfinite0, nonfinite);
         return nb::make_tuple(c.prediction, c.radius, c.p_lower);
       },
-      "counts0"_a, "counts"_a, "sigma"_a, "alpha"_a,
+      "counts0"_a, "counts"_a, "sigma"_a, "alpha"_a, "nonfinite0"_a = nb::none(), "nonfinite"_a = nb::none(),
       "CERTIFY (Cohen et al. 2019) on selection counts0 and estimation counts (N, C): returns "
-      "(prediction, radius, p_lower); -1 and radius 0 where the Clopper-Pearson bound pA <= 1/2.");
+      "(prediction, radius, p_lower); -1 and radius 0 where the Clopper-Pearson bound pA <= 1/2. "
+      "nonfinite0 / nonfinite: (N,) selection / estimation draws that voted for no class; the "
+      "estimation's count in n (they only lower pA), and a row without a selection vote abstains.");
 
   m.def("clopper_pearson_lower", &clopper_pearson_lower, "k"_a, "n"_a, "alpha"_a,
       "One-sided Clopper-Pearson lower bound of a binomial proportion at level 1 - alpha: the "

@@ -23,20 +23,53 @@ namespace {
 // Compiled-function input layout; the model's parameters follow.
 enum Slot : int { X = 0, COUNTS, KEY, SIGMA, NUM_SLOTS };
 
-// One noise stream per device, created once: a stream of its own lets chunk c + 1's noise be drawn
+// One noise stream per device and thread: a stream of its own lets chunk c + 1's noise be drawn
 // while chunk c runs the model (measured on a 2-core CPU: 0.86x -> 0.99x of the raw forward rate
-// for an MLP, where drawing the noise costs ~15% of a forward pass).
+// for an MLP, where drawing the noise costs ~15% of a forward pass). An MLX stream belongs to the
+// thread that made it (its command encoder is thread-local), so the process-wide handle is an MLX
+// ThreadLocalStream, which gives each thread a stream of its own on first use.
 mx::Stream noise_stream() {
   static std::mutex mutex;
-  static std::map<std::pair<int, int>, mx::Stream> streams;
+  static std::map<std::pair<int, int>, mx::ThreadLocalStream> streams;
   auto dev = mx::default_device();
-  std::lock_guard<std::mutex> lock(mutex);
+  std::unique_lock<std::mutex> lock(mutex);
   auto key = std::make_pair(static_cast<int>(dev.type), dev.index);
   auto it = streams.find(key);
   if (it == streams.end()) {
-    it = streams.emplace(key, mx::new_stream(dev)).first;
+    it = streams.emplace(key, mx::new_thread_local_stream(dev)).first;
   }
-  return it->second;
+  auto tls = it->second;
+  lock.unlock();
+  return mx::stream_from_thread_local_stream(tls);
+}
+
+// MLX's Threefry-2x32 hash (mlx/backend/cpu/threefry.cpp, MIT licence; libmlx does not export it).
+std::pair<uint32_t, uint32_t> threefry2x32(uint32_t k0, uint32_t k1, uint32_t c0, uint32_t c1) {
+  constexpr uint32_t rotations[2][4] = {{13, 15, 26, 6}, {17, 29, 16, 24}};
+  const uint32_t ks[3] = {k0, k1, k0 ^ k1 ^ 0x1BD11BDA};
+  c0 += ks[0];
+  c1 += ks[1];
+  for (uint32_t i = 0; i < 5; ++i) {
+    for (auto r : rotations[i % 2]) {
+      c0 += c1;
+      c1 = (c1 << r) | (c1 >> (32 - r));
+      c1 ^= c0;
+    }
+    c0 += ks[(i + 1) % 3];
+    c1 += ks[(i + 2) % 3] + i + 1;
+  }
+  return {c0, c1};
+}
+
+// Row c of mx::random::split(key, num) without drawing the other rows: split is RandomBits of
+// shape (num, 2), whose word w < num is the first output of the hash of the counter (w, w + num)
+// and word w >= num the second output of (w - num, w). `num` <= 2**31 - 1, so no counter wraps.
+void split_row(const uint32_t* key, uint32_t num, uint32_t c, uint32_t* out) {
+  for (uint32_t j = 0; j < 2; ++j) {
+    const uint32_t w = 2 * c + j;
+    out[j] = w < num ? threefry2x32(key[0], key[1], w, w + num).first
+                     : threefry2x32(key[0], key[1], w - num, w).second;
+  }
 }
 
 mx::array row(const mx::array& a, int i, mx::StreamOrDevice s = {}) {
@@ -47,7 +80,8 @@ mx::array row(const mx::array& a, int i, mx::StreamOrDevice s = {}) {
   return mx::slice(a, start, stop, s);
 }
 
-// One chunk: votes of `rows` noisy copies of x drawn with `key`.
+// One chunk: votes (num_classes + 1,) of `rows` noisy copies of x drawn with `key`; the last entry
+// counts the copies whose logits are not all finite, which vote for no class.
 mx::array chunk_votes(
     const ForwardFn& forward,
     const std::vector<mx::array>& in,
@@ -83,7 +117,10 @@ mx::array chunk_votes(
     throw std::invalid_argument("[certify] model output must be floating point logits");
   }
   auto pred = mx::astype(mx::argmax(logits, -1, true), mx::int32);  // (rows, 1)
-  return mx::sum(mx::astype(mx::equal(pred, mx::arange(num_classes, mx::int32)), mx::int32), 0);
+  // A row with a NaN or an infinity goes to the extra class num_classes: one one-hot sum counts both.
+  auto finite = mx::all(mx::isfinite(logits), -1, true);
+  pred = mx::where(finite, pred, mx::array(num_classes, mx::int32));
+  return mx::sum(mx::astype(mx::equal(pred, mx::arange(num_classes + 1, mx::int32)), mx::int32), 0);
 }
 
 // `group` chunks in one compiled call (KEY holds one key per chunk, shape (group, 2)): fewer
@@ -130,6 +167,28 @@ HostCounts host_counts(const mx::array& counts, const char* name) {
     }
   }
   return h;
+}
+
+// Per-row draws without a vote, (N,) non-negative integers; zeros when absent.
+std::vector<int64_t> host_nonfinite(const std::optional<mx::array>& a, int n, const char* name) {
+  std::vector<int64_t> out(n, 0);
+  if (!a) {
+    return out;
+  }
+  if (a->ndim() != 1 || a->shape(0) != n || !mx::issubdtype(a->dtype(), mx::integer)) {
+    throw std::invalid_argument(std::string("[certify] ") + name + " must be integers of shape (" +
+                                std::to_string(n) + ",), one per row of the counts");
+  }
+  auto a64 = mx::astype(*a, mx::int64);
+  mx::eval(a64);
+  auto p = a64.data<int64_t>();
+  out.assign(p, p + n);
+  for (auto v : out) {
+    if (v < 0) {
+      throw std::invalid_argument(std::string("[certify] ") + name + " must be >= 0, got " + std::to_string(v));
+    }
+  }
+  return out;
 }
 
 // Top class (lowest index among ties), its count and the runner-up's count.
@@ -180,7 +239,7 @@ std::vector<int> chunk_rows(int64_t n, int batch_size) {
   return rows;
 }
 
-mx::array SmoothingEngine::vote_counts(
+Votes SmoothingEngine::vote_counts(
     const ForwardFn& forward,
     const std::vector<mx::array>& params,
     const mx::array& x,
@@ -209,10 +268,19 @@ mx::array SmoothingEngine::vote_counts(
     throw std::invalid_argument("[certify] num_classes must be >= 2, got " + std::to_string(cfg.num_classes));
   }
 
+  // Chunk c holds rows_of(c) noisy copies: no per-chunk table, so memory does not grow with n.
+  const int64_t chunks64 = (cfg.n + cfg.batch_size - 1) / cfg.batch_size;
+  const int chunks = static_cast<int>(chunks64);  // <= n <= 2**31 - 1
+  auto rows_of = [&](int c) {
+    return static_cast<int>(std::min<int64_t>(cfg.batch_size, cfg.n - static_cast<int64_t>(c) * cfg.batch_size));
+  };
+
   std::lock_guard<std::mutex> serial(core_mutex());  // the GIL is released by the binding
   drain_released();
-  const auto rows = chunk_rows(cfg.n, cfg.batch_size);
-  const int chunks = static_cast<int>(rows.size());
+  // The keys on the host, to derive each chunk's key in the loop (see split_row).
+  auto host_keys = mx::contiguous(keys);
+  mx::eval(host_keys);
+  const uint32_t* key_data = host_keys.data<uint32_t>();
   const auto dtype = x.dtype();
   const mx::Stream noise_s = cfg.overlap ? noise_stream() : mx::default_stream(mx::default_device());
   const int num_classes = cfg.num_classes;
@@ -248,22 +316,26 @@ mx::array SmoothingEngine::vote_counts(
   std::vector<mx::array> results;
   results.reserve(n_inputs);
   std::deque<mx::array> in_flight;
+  std::vector<uint32_t> group_keys_host(2 * static_cast<size_t>(group));
   try {
     for (int i = 0; i < n_inputs; ++i) {
       auto xi = row(x, i);
-      auto ki = mx::reshape(row(keys, i, noise_s), {2}, noise_s);
-      auto chunk_keys = mx::random::split(ki, chunks, noise_s);
-      auto counts = mx::zeros({num_classes}, mx::int32);
+      const uint32_t* ki = key_data + 2 * static_cast<size_t>(i);
+      // Votes of each class, then the draws with non-finite logits.
+      auto counts = mx::zeros({num_classes + 1}, mx::int32);
       for (int c = 0; c < chunks;) {
         int g = 1;
-        while (g < group && c + g < chunks && rows[c + g] == rows[c]) {
+        while (g < group && c + g < chunks && rows_of(c + g) == rows_of(c)) {
           ++g;
         }
         g = g == group ? group : 1;  // two graphs per chunk size: full groups and single chunks
-        auto group_keys = mx::slice(chunk_keys, {c, 0}, {c + g, 2}, noise_s);
+        for (int j = 0; j < g; ++j) {
+          split_row(ki, static_cast<uint32_t>(chunks), static_cast<uint32_t>(c + j), &group_keys_host[2 * j]);
+        }
+        auto group_keys = mx::array(group_keys_host.data(), {g, 2}, mx::uint32);
         std::vector<mx::array> in{xi, counts, group_keys, sigma};
         in.insert(in.end(), params.begin(), params.end());
-        counts = fn_for(rows[c], g)(in)[0];
+        counts = fn_for(rows_of(c), g)(in)[0];
         c += g;
         mx::async_eval(counts);
         in_flight.push_back(counts);
@@ -275,8 +347,10 @@ mx::array SmoothingEngine::vote_counts(
       results.push_back(counts);
     }
     auto out = mx::stack(results, 0);
-    mx::eval(out);
-    return out;
+    auto votes = mx::slice(out, {0, 0}, {n_inputs, num_classes});
+    auto nonfinite = mx::reshape(mx::slice(out, {0, num_classes}, {n_inputs, num_classes + 1}), {n_inputs});
+    mx::eval(votes, nonfinite);
+    return {votes, nonfinite};
   } catch (...) {
     // A failed trace can leave a half-built entry behind.
     clear();
@@ -284,21 +358,32 @@ mx::array SmoothingEngine::vote_counts(
   }
 }
 
-mx::array smoothed_predict(const mx::array& counts, double alpha) {
+mx::array smoothed_predict(const mx::array& counts, double alpha, const std::optional<mx::array>& nonfinite) {
   check_alpha(alpha);
   auto h = host_counts(counts, "counts");
+  auto bad = host_nonfinite(nonfinite, h.n, "nonfinite");
   std::vector<int32_t> out(h.n);
   for (int i = 0; i < h.n; ++i) {
     auto t = top2(h, i);
+    if (t.total + bad[i] < 1) {
+      throw std::invalid_argument("[certify] every row of counts needs at least one vote or non-finite draw");
+    }
     if (t.total < 1) {
-      throw std::invalid_argument("[certify] every row of counts needs at least one vote");
+      out[i] = -1;  // every draw non-finite: no class has a vote
+      continue;
     }
     out[i] = binomial_test_pvalue(t.first, t.first + t.second, 0.5) > alpha ? -1 : t.cls;
   }
   return mx::array(out.data(), {h.n}, mx::int32);
 }
 
-Certificate certify_from_counts(const mx::array& counts0, const mx::array& counts, double sigma, double alpha) {
+Certificate certify_from_counts(
+    const mx::array& counts0,
+    const mx::array& counts,
+    double sigma,
+    double alpha,
+    const std::optional<mx::array>& nonfinite0,
+    const std::optional<mx::array>& nonfinite) {
   check_alpha(alpha);
   if (!(sigma > 0.0) || !std::isfinite(sigma)) {
     throw std::invalid_argument("[certify] sigma must be a finite number > 0, got " + num(sigma));
@@ -308,16 +393,27 @@ Certificate certify_from_counts(const mx::array& counts0, const mx::array& count
   if (h0.n != h.n || h0.c != h.c) {
     throw std::invalid_argument("[certify] counts0 and counts must have the same shape");
   }
+  auto bad0 = host_nonfinite(nonfinite0, h.n, "nonfinite0");
+  auto bad = host_nonfinite(nonfinite, h.n, "nonfinite");
   std::vector<int32_t> pred(h.n);
   std::vector<float> radius(h.n), p_lower(h.n);
   for (int i = 0; i < h.n; ++i) {
     auto sel = top2(h0, i);
     auto est = top2(h, i);
-    if (sel.total < 1 || est.total < 1) {
-      throw std::invalid_argument("[certify] every row of counts0 and counts needs at least one vote");
+    if (sel.total + bad0[i] < 1 || est.total + bad[i] < 1) {
+      throw std::invalid_argument(
+          "[certify] every row of counts0 and counts needs at least one vote or non-finite draw");
+    }
+    if (sel.total < 1) {
+      // Every selection draw non-finite: no class to certify.
+      pred[i] = -1;
+      radius[i] = 0.0f;
+      p_lower[i] = 0.0f;
+      continue;
     }
     const int64_t n_a = h.v[static_cast<size_t>(i) * h.c + sel.cls];
-    const double p_a = clopper_pearson_lower(n_a, est.total, alpha);
+    // Draws without a vote count in n: they can only lower pA.
+    const double p_a = clopper_pearson_lower(n_a, est.total + bad[i], alpha);
     p_lower[i] = static_cast<float>(p_a);
     if (p_a > 0.5) {
       pred[i] = sel.cls;

@@ -5,6 +5,7 @@
 #include <atomic>
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <vector>
 
 #include "attack.h"
@@ -29,6 +30,13 @@ struct VoteConfig {
   bool overlap = true;
 };
 
+struct Votes {
+  /** (N, num_classes) int32 votes of the draws with finite logits. */
+  mx::array counts;
+  /** (N,) int32 draws whose logits held a NaN or an infinity. */
+  mx::array nonfinite;
+};
+
 /**
  * Owns the compiled vote-counting functions of one model.
  *
@@ -36,23 +44,29 @@ struct VoteConfig {
  * `batch_size` rows (the last one holds the remainder); chunk c uses key split(k_i, chunks)[c]:
  *
  *   noise_c = normal((rows_c, *sample_shape), 0, sigma, key_c)       (no clipping)
- *   counts_i += bincount(argmax f(params, x_i + noise_c), num_classes)
+ *   counts_i += bincount(argmax f(params, x_i + noise_c), num_classes)   (rows with finite logits)
+ *   nonfinite_i += number of rows of f(params, x_i + noise_c) holding a NaN or an infinity
  *
- * so the counts of an input depend only on its key, n, sigma and batch_size — never on which other
- * inputs share the call (nor on how chunks are grouped). Keys and sigma are inputs of the compiled
- * function, as are the parameters (never captured constants). Without `overlap`, full chunks run
- * up to 8 per compiled call (at most 4096 noisy rows per call, each chunk its own model batch);
- * calls are queued with async_eval, two in flight at most.
+ * A draw whose logits are not all finite votes for no class (it is counted in `nonfinite` only).
+ * Chunk c's key is computed on the host from k_i, the number of chunks and c (the same bits as
+ * mx::random::split(k_i, chunks)[c]), so memory stays bounded whatever n is. The counts of an
+ * input depend only on its key, n, sigma and batch_size — never on which other inputs share the
+ * call (nor on how chunks are grouped, nor on the calling thread). Keys and sigma are inputs of the
+ * compiled function, as are the parameters (never captured constants). Without `overlap`, full
+ * chunks run up to 8 per compiled call (at most 4096 noisy rows per call, each chunk its own model
+ * batch); calls are queued with async_eval, two in flight at most.
  */
 class SmoothingEngine : public CompiledEngine {
  public:
   SmoothingEngine() : CompiledEngine(1) {}
 
   /**
-   * Class votes (N, num_classes) int32 of the base classifier under Gaussian noise, n per input.
-   * `x` is (N, *sample_shape) floating point; `keys` is (N, 2) uint32, one PRNG key per input.
+   * Class votes (N, num_classes) int32 of the base classifier under Gaussian noise, n per input,
+   * and the number (N,) int32 of draws whose logits were not all finite (they vote for no class:
+   * counts.sum(1) + nonfinite == n). `x` is (N, *sample_shape) floating point; `keys` is (N, 2)
+   * uint32, one PRNG key per input. Any thread may call it.
    */
-  mx::array vote_counts(
+  Votes vote_counts(
       const ForwardFn& forward,
       const std::vector<mx::array>& params,
       const mx::array& x,
@@ -64,8 +78,11 @@ class SmoothingEngine : public CompiledEngine {
  * PREDICT (Cohen et al. 2019, Algorithm "PREDICT"): per row of `counts` (N, C), the top class cA
  * (lowest index among ties) unless the two-sided binomial test of the top two counts nA, nB
  * against 1/2 has p-value > alpha, then -1 (abstain). Returns (N,) int32.
+ * `nonfinite` (optional, (N,) integer): draws that voted for no class; a row needs at least one
+ * draw (votes + nonfinite >= 1), and a row without any vote abstains.
  */
-mx::array smoothed_predict(const mx::array& counts, double alpha);
+mx::array smoothed_predict(
+    const mx::array& counts, double alpha, const std::optional<mx::array>& nonfinite = std::nullopt);
 
 struct Certificate {
   /** (N,) int32 class, -1 where CERTIFY abstains. */
@@ -79,10 +96,19 @@ struct Certificate {
 /**
  * CERTIFY (Cohen et al. 2019, Algorithm "CERTIFY"): cA = argmax of the selection counts
  * `counts0` (N, C); pA = one-sided Clopper-Pearson lower bound of counts[cA] out of n at level
- * 1 - alpha, n = the row sum of `counts`; abstain (-1, radius 0) when pA <= 1/2, else radius
+ * 1 - alpha, n = the row sum of `counts` plus `nonfinite` (the estimation draws that voted for no
+ * class: they only lower pA); abstain (-1, radius 0) when pA <= 1/2, else radius
  * sigma * Phi^-1(pA). With probability >= 1 - alpha the smoothed classifier predicts cA everywhere
- * in the L2 ball of that radius.
+ * in the L2 ball of that radius. `nonfinite0` / `nonfinite` (optional, (N,) integer) are the
+ * selection / estimation draws without a vote; each row of each stage needs at least one draw, and
+ * a row whose selection draws hold no vote abstains (p_lower 0).
  */
-Certificate certify_from_counts(const mx::array& counts0, const mx::array& counts, double sigma, double alpha);
+Certificate certify_from_counts(
+    const mx::array& counts0,
+    const mx::array& counts,
+    double sigma,
+    double alpha,
+    const std::optional<mx::array>& nonfinite0 = std::nullopt,
+    const std::optional<mx::array>& nonfinite = std::nullopt);
 
 } // namespace mlx_robust

@@ -383,8 +383,12 @@ class SmoothedFunction:
         batch_size: int,
         num_classes: int,
         overlap: Optional[bool] = None,
-    ) -> mx.array:
+        with_nonfinite: bool = False,
+    ) -> mx.array | tuple[mx.array, mx.array]:
         """(N, num_classes) int32 votes of the model (in eval mode) under N(0, sigma^2) noise.
+
+        A draw whose logits hold a NaN or an infinity votes for no class; ``with_nonfinite``: also
+        return the number (N,) int32 of such draws, as ``(counts, nonfinite)``.
 
         ``overlap``: draw the noise on a stream of its own. None: on the CPU only, where it runs on
         a second core while the model runs (measured: 0.86 -> 1.0 of the raw forward rate for an MLP);
@@ -407,10 +411,11 @@ class SmoothedFunction:
         mx.eval(x, keys)
         with preserved(model, training=False):
             try:
-                return self.engine.vote_counts(
+                counts, nonfinite = self.engine.vote_counts(
                     forward, params, x, keys, n=n, sigma=sigma, batch_size=batch_size,
                     num_classes=num_classes, overlap=overlap,
                 )
+                return (counts, nonfinite) if with_nonfinite else counts
             except Exception:
                 self.engine.clear()
                 raise
@@ -421,16 +426,23 @@ def chunk_rows(n: int, batch_size: int) -> list[int]:
     return list(_core.chunk_rows(n, batch_size))
 
 
-def smoothed_predict(counts: mx.array, alpha: float) -> mx.array:
-    """PREDICT on vote counts (N, C): top class, or -1 where the binomial test has p > alpha."""
-    return _core.smoothed_predict(counts, alpha)
+def smoothed_predict(counts: mx.array, alpha: float, nonfinite: Optional[mx.array] = None) -> mx.array:
+    """PREDICT on vote counts (N, C): top class, or -1 where the binomial test has p > alpha (or no
+    draw voted; ``nonfinite``: (N,) draws that voted for no class)."""
+    return _core.smoothed_predict(counts, alpha, nonfinite)
 
 
 def certify_from_counts(
-    counts0: mx.array, counts: mx.array, sigma: float, alpha: float
+    counts0: mx.array,
+    counts: mx.array,
+    sigma: float,
+    alpha: float,
+    nonfinite0: Optional[mx.array] = None,
+    nonfinite: Optional[mx.array] = None,
 ) -> tuple[mx.array, mx.array, mx.array]:
-    """CERTIFY on selection and estimation counts: (prediction, radius, p_lower)."""
-    return _core.certify_from_counts(counts0, counts, sigma, alpha)
+    """CERTIFY on selection and estimation counts: (prediction, radius, p_lower). ``nonfinite0`` /
+    ``nonfinite``: (N,) draws of each stage that voted for no class (the estimation's count in n)."""
+    return _core.certify_from_counts(counts0, counts, sigma, alpha, nonfinite0, nonfinite)
 
 
 def clopper_pearson_lower(k: int, n: int, alpha: float) -> float:

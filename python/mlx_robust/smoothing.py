@@ -14,6 +14,12 @@ statistics too (Clopper-Pearson bound, binomial test, normal quantile; no SciPy 
 Randomness: every input gets its own PRNG key (row i of ``mx.random.split(key, N)``, or an (N, 2)
 array of keys you pass), so an input's result never depends on the other inputs of the batch or on
 how a data set is sharded across processes. Noise is added in input space without clipping.
+
+Non-finite logits: a noisy draw on which the model returns a NaN or an infinity votes for no class.
+It still counts in CERTIFY's n (so it can only lower the bound pA_: the certificate stays sound),
+PREDICT's binomial test sees only the votes, and an input without any vote abstains. The number of
+such draws is reported (``Certification.nonfinite``, ``CertifiedAccuracy.nonfinite``,
+``smoothed_predict(..., return_nonfinite=True)``) and a ``RuntimeWarning`` names it.
 """
 
 from __future__ import annotations
@@ -192,16 +198,42 @@ class Smoothing:
             return Smoothing(**values)
 
 
-class Certification(NamedTuple):
+class _CertificationFields(NamedTuple):
+    prediction: mx.array
+    radius: mx.array
+
+
+class Certification(_CertificationFields):
     """CERTIFY's answer per input; unpacks as ``cls, radius = robust.certify(x)``.
 
     Attributes:
         prediction: (N,) int32 class of the smoothed classifier, -1 where CERTIFY abstains.
         radius: (N,) float32 certified L2 radius sigma * Phi^-1(pA_), 0 where abstained.
+        nonfinite: (N,) int32 noisy draws (of the n0 + n) on which the model returned non-finite
+            logits; they voted for no class. An attribute, not a tuple field, so that the tuple
+            still unpacks into two.
     """
 
-    prediction: mx.array
-    radius: mx.array
+    nonfinite: mx.array
+
+    def __new__(
+        cls, prediction: mx.array, radius: mx.array, nonfinite: Optional[mx.array] = None
+    ) -> "Certification":
+        self = super().__new__(cls, prediction, radius)
+        self.nonfinite = mx.zeros(prediction.shape, mx.int32) if nonfinite is None else nonfinite
+        return self
+
+    def __getnewargs__(self) -> tuple[mx.array, mx.array, mx.array]:
+        return (self.prediction, self.radius, self.nonfinite)
+
+    @classmethod
+    def _make(cls, iterable: Any) -> "Certification":
+        return cls(*iterable)
+
+    def _replace(self, **changes: Any) -> "Certification":
+        values = dict(prediction=self.prediction, radius=self.radius, nonfinite=self.nonfinite)
+        values.update(changes)
+        return Certification(**values)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,6 +260,24 @@ def sample_keys(key: Optional[mx.array], num: int) -> mx.array:
     if key.shape == (2,):
         return mx.random.split(key, num)
     return key
+
+
+def _warn_nonfinite(nonfinite: mx.array, draws: int, what: str) -> None:
+    """Warn when some noisy draws gave non-finite logits (``nonfinite``: (N,) per input)."""
+    bad = np.array(nonfinite)
+    total = int(bad.sum())
+    if total == 0:
+        return
+    inputs = int(np.count_nonzero(bad))
+    every = int(np.count_nonzero(bad >= draws))
+    warnings.warn(
+        f"[{what}] {total} of {bad.size * draws} noisy draws ({inputs} of {bad.size} inputs; all {draws} "
+        f"draws on {every}) gave non-finite logits (NaN or inf): they voted for no class, which can only "
+        f"lower pA and makes inputs without a vote abstain. Does the model's forward accept inputs "
+        f"outside the bounds (Gaussian noise is not clipped)?",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def _split_each(keys: mx.array) -> tuple[mx.array, mx.array]:
@@ -297,12 +347,15 @@ def smoothed_predict(
     batch_size: Optional[int] = None,
     key: Optional[mx.array] = None,
     progress: Optional[bool] = None,
-) -> mx.array:
+    return_nonfinite: bool = False,
+) -> Union[mx.array, tuple[mx.array, mx.array]]:
     """PREDICT (Cohen et al. 2019, https://arxiv.org/abs/1902.02918): the smoothed class or -1.
 
     Draws ``n`` noisy copies per input, counts the base model's votes and returns the top class
     unless the two-sided binomial test of the top two counts (nA vs nB at 1/2) has p-value > alpha,
-    then -1 (abstain). Returns a wrong class with probability at most alpha.
+    then -1 (abstain). Returns a wrong class with probability at most alpha. A draw with non-finite
+    logits votes for no class (a ``RuntimeWarning`` gives their number); an input without any vote
+    abstains.
 
     Args:
         robust: the wrapped model; settings default to ``robust.smoothing``.
@@ -310,9 +363,11 @@ def smoothed_predict(
         n, alpha, sigma, batch_size: override the ``Smoothing`` settings.
         key: ``mr.key(seed)``, or (N, 2) per-input keys (see ``sample_keys``).
         progress: progress bar; None shows one on long runs (in a terminal).
+        return_nonfinite: also return the (N,) int32 number of draws with non-finite logits.
 
     Returns:
-        (N,) int32 classes, -1 where PREDICT abstains.
+        (N,) int32 classes, -1 where PREDICT abstains; with ``return_nonfinite``,
+        ``(classes, nonfinite)``.
     """
     s = _resolve(robust, n=n, alpha=alpha, sigma=sigma, batch_size=batch_size)
     _warn_if_hopeless(s.n, s.alpha, "predict")
@@ -321,18 +376,24 @@ def smoothed_predict(
     keys = sample_keys(key, num)
     num_classes = _ensure_num_classes(robust, x)
     bar = _progress_bar(progress, num, s.n, "smoothed predict")
-    counts = []
+    counts, bad = [], []
     try:
         for lo, hi in _groups(num, s.n, s.batch_size, bar):
-            counts.append(robust._smooth_fn.vote_counts(
-                x[lo:hi], keys[lo:hi], n=s.n, sigma=s.sigma, batch_size=s.batch_size, num_classes=num_classes
-            ))
+            c, b = robust._smooth_fn.vote_counts(
+                x[lo:hi], keys[lo:hi], n=s.n, sigma=s.sigma, batch_size=s.batch_size, num_classes=num_classes,
+                with_nonfinite=True,
+            )
+            counts.append(c)
+            bad.append(b)
             if bar is not None:
                 bar.update(hi - lo)
     finally:
         if bar is not None:
             bar.close()
-    return _functional.smoothed_predict(mx.concatenate(counts, axis=0), s.alpha)
+    nonfinite = mx.concatenate(bad, axis=0)
+    pred = _functional.smoothed_predict(mx.concatenate(counts, axis=0), s.alpha, nonfinite)
+    _warn_nonfinite(nonfinite, s.n, "predict")
+    return (pred, nonfinite) if return_nonfinite else pred
 
 
 def certify(
@@ -354,7 +415,8 @@ def certify(
     radius 0) when pA_ <= 1/2, else return cA and radius sigma * Phi^-1(pA_). With probability at
     least 1 - alpha, the smoothed classifier predicts cA at every x' with ||x' - x||_2 < radius.
     Noise is not clipped to the input bounds (as in the paper). The model runs in eval mode and
-    is left unchanged.
+    is left unchanged. A draw with non-finite logits votes for no class but counts in n (so it can
+    only lower pA_); their number is ``Certification.nonfinite`` and a ``RuntimeWarning`` names it.
 
     Args:
         robust: the wrapped model; settings default to ``robust.smoothing``.
@@ -365,14 +427,16 @@ def certify(
         progress: progress bar; None shows one on long runs (in a terminal).
 
     Returns:
-        Certification(prediction (N,) int32, radius (N,) float32).
+        Certification(prediction (N,) int32, radius (N,) float32), with ``.nonfinite`` (N,) int32.
     """
-    pred, radius, _ = _certify(robust, x, n0=n0, n=n, alpha=alpha, sigma=sigma, batch_size=batch_size,
-                               key=key, progress=progress)
-    return Certification(pred, radius)
+    pred, radius, _, nonfinite, draws = _certify(robust, x, n0=n0, n=n, alpha=alpha, sigma=sigma,
+                                                 batch_size=batch_size, key=key, progress=progress)
+    _warn_nonfinite(nonfinite, draws, "certify")
+    return Certification(pred, radius, nonfinite)
 
 
 def _certify(robust, x, *, n0, n, alpha, sigma, batch_size, key, progress, validated=False):
+    """CERTIFY: (prediction, radius, p_lower, nonfinite, draws per input = n0 + n)."""
     s = _resolve(robust, n0=n0, n=n, alpha=alpha, sigma=sigma, batch_size=batch_size)
     _warn_if_hopeless(s.n, s.alpha, "certify")
     if not validated:
@@ -381,25 +445,31 @@ def _certify(robust, x, *, n0, n, alpha, sigma, batch_size, key, progress, valid
     keys = sample_keys(key, num)
     if num == 0:
         empty = mx.zeros((0,), mx.int32)
-        return empty, mx.zeros((0,), mx.float32), mx.zeros((0,), mx.float32)
+        return empty, mx.zeros((0,), mx.float32), mx.zeros((0,), mx.float32), empty, s.n0 + s.n
     num_classes = _ensure_num_classes(robust, x)
     sel_keys, est_keys = _split_each(keys)
     bar = _progress_bar(progress, num, s.n0 + s.n, "certify")
     fn = robust._smooth_fn
-    c0, c1 = [], []
+    c0, c1, b0, b1 = [], [], [], []
     try:
         for lo, hi in _groups(num, s.n0 + s.n, s.batch_size, bar):
-            common = dict(sigma=s.sigma, batch_size=s.batch_size, num_classes=num_classes)
-            c0.append(fn.vote_counts(x[lo:hi], sel_keys[lo:hi], n=s.n0, **common))
-            c1.append(fn.vote_counts(x[lo:hi], est_keys[lo:hi], n=s.n, **common))
+            common = dict(sigma=s.sigma, batch_size=s.batch_size, num_classes=num_classes, with_nonfinite=True)
+            counts, bad = fn.vote_counts(x[lo:hi], sel_keys[lo:hi], n=s.n0, **common)
+            c0.append(counts)
+            b0.append(bad)
+            counts, bad = fn.vote_counts(x[lo:hi], est_keys[lo:hi], n=s.n, **common)
+            c1.append(counts)
+            b1.append(bad)
             if bar is not None:
                 bar.update(hi - lo)
     finally:
         if bar is not None:
             bar.close()
-    return _functional.certify_from_counts(
-        mx.concatenate(c0, axis=0), mx.concatenate(c1, axis=0), s.sigma, s.alpha
+    bad0, bad1 = mx.concatenate(b0, axis=0), mx.concatenate(b1, axis=0)
+    pred, radius, p_lower = _functional.certify_from_counts(
+        mx.concatenate(c0, axis=0), mx.concatenate(c1, axis=0), s.sigma, s.alpha, bad0, bad1
     )
+    return pred, radius, p_lower, bad0 + bad1, s.n0 + s.n
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,6 +491,8 @@ class CertifiedAccuracy:
         labels: (N,) int32 true labels.
         sigma, n0, n, alpha: the settings used.
         seconds: wall time of the certification.
+        nonfinite: (N,) int32 noisy draws (of the n0 + n per input) with non-finite logits, which
+            voted for no class; None when not measured.
     """
 
     radii: tuple[float, ...]
@@ -433,6 +505,7 @@ class CertifiedAccuracy:
     n: int
     alpha: float
     seconds: float = 0.0
+    nonfinite: Optional[mx.array] = None
 
     @property
     def abstain_rate(self) -> float:
@@ -448,10 +521,17 @@ class CertifiedAccuracy:
         """A markdown table: one row, one column per radius (see ``certified_accuracy_table``)."""
         return certified_accuracy_table([self])
 
+    @property
+    def nonfinite_draws(self) -> int:
+        """Total noisy draws with non-finite logits (0 when not measured)."""
+        return 0 if self.nonfinite is None else int(np.array(self.nonfinite).sum())
+
     def __str__(self) -> str:
+        bad = self.nonfinite_draws
+        note = f", {bad} noisy draws with non-finite logits" if bad else ""
         return (
             f"Certified L2 accuracy (sigma={self.sigma:g}, n0={self.n0}, n={self.n}, alpha={self.alpha:g}; "
-            f"{len(np.array(self.labels))} inputs, {self.abstain_rate:.1%} abstained)\n{self.table()}"
+            f"{len(np.array(self.labels))} inputs, {self.abstain_rate:.1%} abstained{note})\n{self.table()}"
         )
 
     def plot(self, path: Union[str, Path], *, title: Optional[str] = None) -> Path:
@@ -584,23 +664,28 @@ def certified_accuracy(
     settings = dict(n0=s.n0, n=s.n, alpha=s.alpha, sigma=s.sigma, batch_size=s.batch_size, progress=progress)
     t0 = time.perf_counter()
     if group is None:
-        pred, radius, _ = _certify(robust, x, key=keys, validated=True, **settings)
+        pred, radius, _, nonfinite, draws = _certify(robust, x, key=keys, validated=True, **settings)
     else:
         size, rank = group.size(), group.rank()
         per = -(-num // size)
         lo, hi = min(num, rank * per), min(num, rank * per + per)
-        pred, radius, _ = _certify(robust, x[lo:hi], key=keys[lo:hi], validated=True, **settings)
+        pred, radius, _, nonfinite, draws = _certify(robust, x[lo:hi], key=keys[lo:hi], validated=True, **settings)
         pad = per - (hi - lo)
         if pad:
             pred = mx.concatenate([pred, mx.full((pad,), ABSTAIN, mx.int32)])
             radius = mx.concatenate([radius, mx.zeros((pad,), mx.float32)])
+            nonfinite = mx.concatenate([nonfinite, mx.zeros((pad,), mx.int32)])
         pred = mx.distributed.all_gather(pred, group=group)[:num]
         radius = mx.distributed.all_gather(radius, group=group)[:num]
-        mx.eval(pred, radius)
+        nonfinite = mx.distributed.all_gather(nonfinite, group=group)[:num]
+        mx.eval(pred, radius, nonfinite)
     seconds = time.perf_counter() - t0
+    _warn_nonfinite(nonfinite, draws, "certified_accuracy")
     p, r, yy = np.array(pred), np.array(radius), np.array(labels)
     accuracy = tuple(float(np.mean((p == yy) & (r >= rr))) for rr in radii_t)
-    return CertifiedAccuracy(radii_t, accuracy, pred, radius, labels, s.sigma, s.n0, s.n, s.alpha, seconds)
+    return CertifiedAccuracy(
+        radii_t, accuracy, pred, radius, labels, s.sigma, s.n0, s.n, s.alpha, seconds, nonfinite
+    )
 
 
 def certified_demo_line(

@@ -526,6 +526,7 @@ def test_cli_certify_on_user_files(mlp, digits, tmp_path, monkeypatch, capsys):
     mlp.save_weights(str(tmp_path / "w.safetensors"))
     np.savez(tmp_path / "data.npz", x=np.array(digits[2][:12]), y=np.array(digits[3][:12]))
     monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))  # --model imports like `python -m`: the folder must be on the path
     rc = main(["certify", "--model", "user_model:make", "--weights", "w.safetensors", "--data", "data.npz",
                "--sigma", "0.12", "0.25", "--n", "200", "--n0", "20", "--radii", "0", "0.25", "--out", "outdir"])
     text = capsys.readouterr().out

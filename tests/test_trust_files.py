@@ -21,6 +21,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from mlx_robust._files import write_replacing, write_text
+
 from mlx_robust.datasets import load_mnist_idx, load_npz
 
 # --------------------------------------------------------------------------------------------
@@ -363,8 +365,33 @@ def test_write_replacing_cleans_up_after_an_error(tmp_path):
         raise RuntimeError("plot failed")
 
     with pytest.raises(RuntimeError):
-        cli.write_replacing(str(tmp_path / "a.png"), fail)
+        write_replacing(str(tmp_path / "a.png"), fail)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    # mkstemp creates 0600 files; a report or checkpoint is an ordinary file (0666 less the umask).
+    umask = os.umask(0o022)
+    try:
+        write_text(tmp_path / "r.md", "x")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "r.md").stat().st_mode & 0o777 == 0o644
+
+
+def test_library_writers_never_follow_a_planted_link(tmp_path, mlp, digits):
+    # RobustnessReport.to_json/plot and plot_certified_accuracy are public: they write safely too.
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    robust = mr.RobustModel(mlp, input_shape=(8, 8, 1), num_classes=10)
+    report = mr.evaluate(robust, digits[2][:8], digits[3][:8], attacks=["fgsm"], eps=[0.1], key=mr.key(0),
+                         progress=False, checks=False)
+    for name in ("r.json", "r.png"):
+        (tmp_path / name).symlink_to(victim)
+    report.to_json(str(tmp_path / "r.json"))
+    report.plot(str(tmp_path / "r.png"))
+    assert victim.read_text() == "keep me"
+    assert not (tmp_path / "r.json").is_symlink() and not (tmp_path / "r.png").is_symlink()
 
 
 @pytest.fixture

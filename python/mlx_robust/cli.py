@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import re
 import sys
-import tempfile
 import time
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from mlx_robust._files import write_text
 
 
 def load_model(spec: str, weights: Optional[str] = None) -> nn.Module:
@@ -62,49 +62,6 @@ def load_model(spec: str, weights: Optional[str] = None) -> nn.Module:
     return model
 
 
-def _remove_stale_temps(folder: str, stem: str, ext: str) -> None:
-    """Remove temporary files an interrupted :func:`write_replacing` left for ``stem + ext``."""
-    pattern = re.compile(re.escape(stem) + r"\.[a-z0-9_]{8}\.tmp" + re.escape(ext))
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:
-        return
-    for entry in entries:
-        if pattern.fullmatch(entry.name) and not entry.is_dir(follow_symlinks=False):
-            try:
-                os.unlink(entry.path)
-            except OSError:
-                pass
-
-
-def write_replacing(path: str, write: Callable[[str], None]) -> None:
-    """Write the file ``path`` with ``write(tmp)``, never through a link planted at ``path``.
-
-    ``write`` gets the name of a fresh, exclusively created file in the same folder (same
-    extension, for tools that go by it), which then replaces ``path`` with ``os.replace``: a
-    symbolic link at ``path`` is replaced itself, its target is never written. The temporary
-    file is removed if ``write`` fails, and any left by an interrupted run are removed first.
-    """
-    folder = os.path.dirname(path) or "."
-    stem, ext = os.path.splitext(os.path.basename(path))
-    _remove_stale_temps(folder, stem, ext)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=stem + ".", suffix=".tmp" + ext)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-
-
-def _write_text(text: str) -> Callable[[str], None]:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(text)
-    return write
-
-
 def _have_matplotlib() -> bool:
     try:
         import matplotlib  # noqa: F401
@@ -118,10 +75,10 @@ def _write_report(report, out: Optional[str]) -> None:
     if not out:
         return
     os.makedirs(out, exist_ok=True)
-    write_replacing(os.path.join(out, "report.md"), _write_text(report.to_markdown()))
-    write_replacing(os.path.join(out, "report.json"), report.to_json)
+    write_text(os.path.join(out, "report.md"), report.to_markdown())
+    report.to_json(os.path.join(out, "report.json"))
     try:
-        write_replacing(os.path.join(out, "robust_accuracy.png"), report.plot)
+        report.plot(os.path.join(out, "robust_accuracy.png"))
         print(f"wrote {out}/report.md, report.json and robust_accuracy.png")
     except ImportError as exc:
         print(f"wrote {out}/report.md and report.json ({exc})")
@@ -183,10 +140,7 @@ def demo(args: argparse.Namespace) -> int:
                                     epochs=args.at_epochs, seed=args.seed))
     plot = os.path.join(args.out, "certified_accuracy.png") if args.out and _have_matplotlib() else None
     if plot:
-        lines: list[str] = []
-        write_replacing(plot, lambda tmp: lines.append(
-            certified_demo_line(model, x_test, y_test, seed=args.seed, plot=tmp)))
-        print("\n" + lines[0])
+        print("\n" + certified_demo_line(model, x_test, y_test, seed=args.seed, plot=plot))
         print(f"wrote {plot}")
     else:
         print("\n" + certified_demo_line(model, x_test, y_test, seed=args.seed, plot=None))

@@ -21,6 +21,7 @@ import mlx.nn as nn
 import numpy as np
 
 from mlx_robust import attacks as _attacks
+from mlx_robust._files import write_replacing, write_text
 from mlx_robust.attacks import FGSM, PGD, Attack
 from mlx_robust.model import RobustModel, _fresh_key
 
@@ -134,8 +135,7 @@ class RobustnessReport:
         """The report as JSON (also written to ``path`` if given)."""
         text = json.dumps(self.to_dict(), indent=2)
         if path is not None:
-            with open(path, "w") as f:
-                f.write(text + "\n")
+            write_text(path, text + "\n")  # a fresh file renamed over path: never through a planted link
         return text
 
     def to_markdown(self) -> str:
@@ -188,8 +188,10 @@ class RobustnessReport:
         ax.set_title(f"clean accuracy {self.clean_accuracy:.1%}")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        try:
+            write_replacing(path, lambda tmp: fig.savefig(tmp, dpi=120))
+        finally:
+            plt.close(fig)
 
 
 def _resolve(spec: AttackSpec, eps: float, norm: str, num_classes: int = 10) -> Attack:

@@ -35,6 +35,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_robust import _functional
+from mlx_robust._files import write_replacing, write_text
 from mlx_robust.attacks.base import finite32, float32_note
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -597,7 +598,7 @@ def plot_certified_accuracy(
     first = reports[0]
     ax.set_title(title or f"Randomized smoothing (n={first.n}, alpha={first.alpha:g})")
     path = Path(path)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    write_replacing(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight"))
     return path
 
 
@@ -765,8 +766,7 @@ def certify_command(args: Any) -> int:
     print(text)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "certified_accuracy.md"), "w") as f:
-            f.write(text + "\n")
+        write_text(os.path.join(args.out, "certified_accuracy.md"), text + "\n")
         try:
             plot_certified_accuracy(reports, os.path.join(args.out, "certified_accuracy.png"))
             print(f"wrote {args.out}/certified_accuracy.md and certified_accuracy.png")

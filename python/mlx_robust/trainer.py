@@ -12,8 +12,6 @@ import dataclasses
 import json
 import math
 import os
-import re
-import tempfile
 import time
 from functools import partial
 from pathlib import Path
@@ -25,6 +23,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from mlx_robust._files import remove_stale_temps, write_replacing
 from mlx_robust.adversarial import METHODS, AdversarialValueAndGrad, adversarial_value_and_grad
 from mlx_robust.attacks import PGD
 from mlx_robust.model import RobustModel
@@ -118,28 +117,6 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
-def _temp_pattern(path: Path) -> "re.Pattern[str]":
-    """Names of our temporary checkpoint files: ``<stem>.<8 random chars>.tmp.safetensors``."""
-    stem = path.name[: -len(".safetensors")]
-    return re.compile(re.escape(stem) + r"\.[a-z0-9_]{8}\.tmp\.safetensors")
-
-
-def _remove_stale_temps(path: Path) -> None:
-    """Remove temporary files that a killed save of this checkpoint left in its folder (only
-    names of the form :func:`tempfile.mkstemp` gave them; links are removed, never followed)."""
-    pattern = _temp_pattern(path)
-    try:
-        entries = list(os.scandir(path.parent))
-    except OSError:
-        return
-    for entry in entries:
-        if pattern.fullmatch(entry.name) and not entry.is_dir(follow_symlinks=False):
-            try:
-                os.unlink(entry.path)
-            except OSError:
-                pass
-
-
 def _save_checkpoint(path: Path, model: nn.Module, optimizer: optim.Optimizer, history: TrainHistory,
                      epoch: int, method: str, seed: int) -> None:
     arrays = {f"model/{k}": v for k, v in tree_flatten(model.parameters())}
@@ -147,18 +124,9 @@ def _save_checkpoint(path: Path, model: nn.Module, optimizer: optim.Optimizer, h
     meta = {"format": _FORMAT, "epoch": str(epoch), "method": method, "seed": str(seed),
             "optimizer": type(optimizer).__name__, "history": history.to_json()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(path)
     # A fresh, exclusively created name in the target folder (never a planted link), renamed
     # over the checkpoint once complete: never a half-written checkpoint, never a stray file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name[: -len(".safetensors")] + ".",
-                               suffix=".tmp.safetensors")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            mx.save_safetensors(f, arrays, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
+    write_replacing(path, lambda tmp: mx.save_safetensors(tmp, arrays, metadata=meta))
 
 
 def _load_checkpoint(path: Path, model: nn.Module, optimizer: optim.Optimizer, method: str,
@@ -371,7 +339,7 @@ def train(
     history = TrainHistory(method, None if eval_attack is None else eval_attack.name)
     start = 0
     if checkpoint is not None and rank == 0:
-        _remove_stale_temps(checkpoint)
+        remove_stale_temps(checkpoint)
     if checkpoint is not None and resume and checkpoint.exists():
         start, history = _load_checkpoint(checkpoint, net, optimizer, method, seed)
 

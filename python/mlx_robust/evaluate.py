@@ -369,10 +369,7 @@ def evaluate(
 
 def _mean_prediction(robust: RobustModel, x: mx.array, draws: int) -> mx.array:
     """argmax of the defended model's logits averaged over ``draws`` random draws (eval mode)."""
-    from mlx_robust import _functional
-
-    with _functional.preserved(robust.model, training=False):
-        total = sum(robust._logits(x) for _ in range(max(draws, 1)))
+    total = sum(robust._logits(x, training=False) for _ in range(max(draws, 1)))
     return mx.argmax(total, axis=-1)
 
 
@@ -469,16 +466,11 @@ def _masking_checks(
 
 def _gradient_health(robust: RobustModel, x: mx.array, y: mx.array) -> tuple[float, float]:
     """Fractions of samples whose cross-entropy input gradient is all zero / has NaN or Inf."""
-    from mlx_robust import _functional
-
-    model = robust.model
-
     def loss(xx):
-        return nn.losses.cross_entropy(robust._logits(xx), y, reduction="sum")
+        return nn.losses.cross_entropy(robust._logits(xx, training=False), y, reduction="sum")
 
-    with _functional.preserved(model, training=False):
-        g = mx.grad(loss)(x)
-        mx.eval(g)
+    g = mx.grad(loss)(x)
+    mx.eval(g)
     g = np.array(g).reshape(x.shape[0], -1)
     finite = np.isfinite(g).all(axis=1)
     zero = finite & (np.abs(g).max(axis=1) == 0)

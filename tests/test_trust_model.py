@@ -3,6 +3,7 @@ while a trace runs, with another thread serving it), robust(x) never updating Ba
 
 from __future__ import annotations
 
+import collections
 import threading
 import types
 
@@ -260,7 +261,9 @@ def test_serving_thread_while_attacking_the_same_model(mlp, digits):
 def test_model_copy_shares_arrays_and_keeps_shared_modules_shared(mlp):
     net = Net(mlp)
     net.tied = [net.l1, {"again": net.l1}]
+    net.extra = collections.OrderedDict(w=mx.ones((3,)))  # a dict subclass: still copied, still inputs
     copy = _functional.model_copy(net, training=False)
+    assert type(copy.extra) is collections.OrderedDict and copy.extra is not net.extra
     assert type(copy) is Net and copy is not net and copy.l1 is not net.l1
     assert copy.l1.weight is net.l1.weight and copy._shift is net._shift
     assert copy.tied[0] is copy.l1 and copy.tied[1]["again"] is copy.l1
@@ -269,5 +272,6 @@ def test_model_copy_shares_arrays_and_keeps_shared_modules_shared(mlp):
     assert any(a is net._shift for a in arrays)  # private arrays are inputs too
     replaced = _functional.model_copy(net, [mx.zeros(a.shape, a.dtype) for a in arrays])
     assert float(mx.abs(replaced.l1.weight).sum()) == 0.0 and float(mx.abs(net.l1.weight).sum()) > 0
+    assert float(replaced.extra["w"].sum()) == 0.0 and float(net.extra["w"].sum()) == 3.0
     with pytest.raises(ValueError, match="arrays must match"):
         _functional.model_copy(net, arrays[:-1])

@@ -8,6 +8,7 @@ Nothing else in the package imports ``_core``.
 
 from __future__ import annotations
 
+import copy as _copy
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import mlx.core as mx
@@ -126,11 +127,11 @@ def model_arrays(model: nn.Module, training: Optional[bool] = None) -> tuple[lis
                     append(k)
                     visit(c)
             append(module_end)
-        elif t is list or t is tuple:
+        elif t is list or t is tuple or (t is not dict and isinstance(v, (list, tuple))):
             append((t, len(v)))
             for c in v:
                 visit(c)
-        elif t is dict:
+        elif isinstance(v, dict):
             append((t, len(v)))
             for k, c in v.items():
                 append(k)
@@ -193,6 +194,19 @@ def model_copy(
             return {k: visit(c) for k, c in v.items()}
         if t is set:
             return set(v)
+        # Subclasses (OrderedDict, a namedtuple, ...): the same class, contents copied.
+        if isinstance(v, dict):
+            new_dict = _copy.copy(v)
+            for k, c in v.items():
+                new_dict[k] = visit(c)
+            return new_dict
+        if isinstance(v, list):
+            new_list = _copy.copy(v)
+            new_list[:] = [visit(c) for c in v]
+            return new_list
+        if isinstance(v, tuple):
+            contents = [visit(c) for c in v]
+            return t(*contents) if hasattr(t, "_fields") else t(contents)
         return v
 
     copy = visit(model)

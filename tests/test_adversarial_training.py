@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import types
 from functools import partial
 
 import mlx.core as mx
@@ -147,10 +148,16 @@ class _ModeRecorder(nn.Module):
         super().__init__()
         self.net = mr.models.MLP(64, hidden=(32,), num_classes=10)
         self.drop = nn.Dropout(0.5)
-        self.modes: list[bool] = []
+        # Held by a shared object, not a list attribute: the library runs a shallow copy of the
+        # model, which copies lists (a list attribute would record on the copy).
+        self.log = types.SimpleNamespace(modes=[])
+
+    @property
+    def modes(self) -> list[bool]:
+        return self.log.modes
 
     def __call__(self, x):
-        self.modes.append(self.training)
+        self.log.modes.append(self.training)
         return self.net(self.drop(x))
 
 

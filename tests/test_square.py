@@ -4,6 +4,8 @@ check it exists for."""
 
 from __future__ import annotations
 
+import types
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -249,10 +251,16 @@ class Counting(nn.Module):
     def __init__(self, inner):
         super().__init__()
         self.inner = inner
-        self.calls = 0
+        # Not a plain int attribute: the library runs a shallow copy of the model, which shares
+        # this object (an int would count on the copy).
+        self.counter = types.SimpleNamespace(calls=0)
+
+    @property
+    def calls(self):
+        return self.counter.calls
 
     def __call__(self, x):
-        self.calls += 1
+        self.counter.calls += 1
         return self.inner(x)
 
 

@@ -1,18 +1,19 @@
 """The one bridge to the C++ core.
 
-Turns an ``nn.Module`` into a pure function of ``(params, x)``, owns the compiled objects, and
-saves/restores the model's parameters and train/eval mode around every call into C++.
+Turns an ``nn.Module`` into a pure function of ``(arrays, x)`` run on a shallow copy of the module
+tree (the user's module is never modified, not even while a trace runs), owns the compiled objects,
+and retraces them when the model is no longer the one traced.
 Nothing else in the package imports ``_core``.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Callable, Iterator, Optional, Sequence
+import copy as _copy
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_unflatten
+import numpy as np
 
 from mlx_robust import _core
 
@@ -53,45 +54,191 @@ def finish_validation(pending: "_core.PendingValidation") -> ValidationReport:
     return _core.finish_validation(pending)
 
 
-def _module_modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
-    return [(m, m.training) for _, m in model.named_modules()]
+# --- the model as a pure function: every array an input, traced on a shallow copy -------------
+#
+# The user's module object is never modified, not even while a trace runs (a serving thread may
+# call it meanwhile): every run of the model for a result runs a shallow copy of the module tree
+# (new Module objects of the same classes, sharing the arrays), and a trace sets its tracer arrays
+# and its train/eval mode on that copy only. Every array of the tree (private ``_name`` ones
+# included) is an input of the traced function, so a compiled graph never bakes in an array's
+# value; what it does bake in (types, structure, non-array attributes) is the fingerprint.
+
+_PLAIN = frozenset((int, float, complex, str, bytes, bool, type(None)))
+# Ignored by the fingerprint: the copy's modes are set by the caller, and freezing only selects
+# which parameters get gradients (the engines differentiate with respect to x).
+_FINGERPRINT_SKIP = frozenset(("_training", "_no_grad"))
+_MODULE_END = object()
 
 
-@contextmanager
-def preserved(
-    model: nn.Module,
-    training: Optional[bool] = None,
-    params: Optional[list[tuple[str, mx.array]]] = None,
-) -> Iterator[None]:
-    """Run a block with the model's parameters and per-module train/eval flags restored after.
+class Fingerprint:
+    """What a compiled trace of a module tree depends on besides its arrays' values.
 
-    ``training`` (if not None) sets the mode for the block. Restores also when the block raises,
-    including when MLX left placeholder arrays in the module after a failed trace. ``params``:
-    the model's ``tree_flatten(model.parameters())`` if the caller already has it.
+    Module types and structure (keys in order, shared submodules), names, shapes and dtypes of every
+    array (private ones included), and non-array attribute values: plain values (numbers, strings,
+    bools, None and containers of them) by value, numpy arrays by content, other objects
+    (functions, bound methods) by identity. Holds those objects, so that their ids stay unique.
     """
-    params = tree_flatten(model.parameters()) if params is None else params
-    modes = _module_modes(model)
-    switch = training is not None and any(mode != training for _, mode in modes)
+
+    __slots__ = ("key", "_objects")
+
+    def __init__(self, key: tuple, objects: list) -> None:
+        self.key = key
+        self._objects = objects
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Fingerprint) and self.key == other.key
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def model_arrays(model: nn.Module, training: Optional[bool] = None) -> tuple[list[mx.array], Fingerprint]:
+    """Every array of the module tree in a fixed order (the order ``model_copy`` places them in)
+    and the tree's :class:`Fingerprint` (``training``, the mode a trace runs in, is part of it).
+
+    One walk of the tree: it runs on every engine call, so it must stay cheap.
+    """
+    arrays: list[mx.array] = []
+    key: list = [training]
+    objects: list = []
+    seen: dict[int, int] = {}
+    plain, skip, module_end = _PLAIN, _FINGERPRINT_SKIP, _MODULE_END
+    append = key.append
+
+    def visit(v: Any) -> None:
+        t = type(v)
+        if t in plain:
+            append((t, "nan") if t is float and v != v else (t, v))
+        elif t is mx.array:
+            arrays.append(v)
+            append((v.shape, v.dtype))
+        elif isinstance(v, nn.Module):
+            i = seen.get(id(v))
+            if i is not None:
+                append(("shared", i))
+                return
+            seen[id(v)] = len(seen)
+            append(t)
+            for k, c in v.items():
+                append(k)
+                visit(c)
+            append(module_end)
+            for k, c in v.__dict__.items():
+                if k not in skip:
+                    append(k)
+                    visit(c)
+            append(module_end)
+        elif t is list or t is tuple or (t is not dict and isinstance(v, (list, tuple))):
+            append((t, len(v)))
+            for c in v:
+                visit(c)
+        elif isinstance(v, dict):
+            append((t, len(v)))
+            for k, c in v.items():
+                append(k)
+                visit(c)
+        elif t is set or t is frozenset:
+            append((t, frozenset(v)))
+        elif isinstance(v, np.ndarray):
+            append((np.ndarray, v.shape, v.dtype.str, v.tobytes()))
+        elif isinstance(v, np.generic):
+            append((t, v.item()))
+        else:
+            append(("object", id(v)))
+            objects.append(v)
+
+    visit(model)
+    return arrays, Fingerprint(tuple(key), objects)
+
+
+def model_copy(
+    model: nn.Module, arrays: Optional[Sequence[mx.array]] = None, training: Optional[bool] = None
+) -> nn.Module:
+    """A shallow copy of the module tree: new Module objects of the same classes.
+
+    Each module's dict items and ``__dict__`` are copied, recursively through child modules, lists,
+    tuples and dicts (a submodule shared by two parents stays shared); arrays and other objects are
+    shared with ``model``. ``arrays`` (from :func:`model_arrays`, or tracers in that order) replace
+    the tree's arrays in the copy; ``training`` (if not None) sets every copied module's mode.
+    Whatever the copy's forward assigns (BatchNorm's running statistics, a cached tensor) lands on
+    the copy, never on ``model``.
+    """
+    source = None if arrays is None else iter(arrays)
+    memo: dict[int, nn.Module] = {}
+    plain = _PLAIN
+
+    def visit(v: Any) -> Any:
+        t = type(v)
+        if t in plain:
+            return v
+        if t is mx.array:
+            return v if source is None else _next_array(source)
+        if isinstance(v, nn.Module):
+            done = memo.get(id(v))
+            if done is not None:
+                return done
+            new = t.__new__(t)
+            memo[id(v)] = new
+            for k, c in v.items():
+                dict.__setitem__(new, k, visit(c))
+            attrs = new.__dict__
+            for k, c in v.__dict__.items():
+                attrs[k] = visit(c)
+            if training is not None:
+                attrs["_training"] = training
+            return new
+        if t is list:
+            return [visit(c) for c in v]
+        if t is tuple:
+            return tuple([visit(c) for c in v])
+        if t is dict:
+            return {k: visit(c) for k, c in v.items()}
+        if t is set:
+            return set(v)
+        # Subclasses (OrderedDict, a namedtuple, ...): the same class, contents copied.
+        if isinstance(v, dict):
+            new_dict = _copy.copy(v)
+            for k, c in v.items():
+                new_dict[k] = visit(c)
+            return new_dict
+        if isinstance(v, list):
+            new_list = _copy.copy(v)
+            new_list[:] = [visit(c) for c in v]
+            return new_list
+        if isinstance(v, tuple):
+            contents = [visit(c) for c in v]
+            return t(*contents) if hasattr(t, "_fields") else t(contents)
+        return v
+
+    copy = visit(model)
+    if source is not None and next(source, _MODULE_END) is not _MODULE_END:
+        raise ValueError("[model] arrays must match the model's arrays one to one, got more")
+    return copy
+
+
+def _next_array(source: Iterator[mx.array]) -> mx.array:
     try:
-        if switch:
-            model.train(training)
-        yield
-    finally:
-        # Put back every parameter the block replaced (compare identities: cheaper than update()).
-        now = tree_flatten(model.parameters())
-        if len(now) != len(params) or any(a is not b or k != j for (k, a), (j, b) in zip(now, params)):
-            model.update(tree_unflatten(params))
-        if switch:
-            for module, mode in modes:
-                # Module.train() sets every submodule; restore each one's own flag.
-                module._training = mode
+        return next(source)
+    except StopIteration:
+        raise ValueError("[model] arrays must match the model's arrays one to one, got fewer") from None
+
+
+def model_forward(model: nn.Module, x: mx.array, training: Optional[bool] = None) -> Any:
+    """``model(x)`` run on a shallow copy (see :func:`model_copy`): ``model`` is left untouched.
+
+    ``training``: the mode to run in; None keeps each module's own mode.
+    """
+    return model_copy(model, training=training)(x)
 
 
 class ModelFunction:
-    """An ``nn.Module`` seen as ``f(params, x) -> logits``, plus its C++ attack engine.
+    """An ``nn.Module`` seen as ``f(arrays, x) -> logits``, plus its C++ attack engine.
 
-    The engine's compiled steps take the flattened parameters as inputs, so an optimizer update
-    between calls is always seen (never baked in as constants).
+    The engine's compiled steps take every array of the module tree (parameters and private
+    ``_name`` arrays alike) as inputs, so an optimizer update or a new value of any array between
+    calls is always seen (never baked in as a constant). What a trace does bake in (module types,
+    structure, non-array attributes: see :class:`Fingerprint`) is checked on every call: when it
+    changed, every engine of this model drops its compiled graphs and traces again. Traces run on a
+    shallow copy of the module tree (:func:`model_copy`): the user's module is never modified.
     """
 
     def __init__(self, model: nn.Module, transform: Optional[Callable[[mx.array, mx.array], mx.array]] = None) -> None:
@@ -99,16 +246,23 @@ class ModelFunction:
         # A random input transform (a defence) applied before the model: transform(x, key).
         self.transform = transform
         self.engine = _core.AttackEngine()
+        # The fingerprint of the model as the engines' compiled graphs saw it (None: none traced).
+        self._traced: Optional[Fingerprint] = None
 
     def flat_parameters(self) -> tuple[list[str], list[mx.array]]:
-        flat = tree_flatten(self.model.parameters())
-        return [k for k, _ in flat], [v for _, v in flat]
+        """``(names, arrays)``: the arrays the traced forward takes (every array of the module tree,
+        private ones included, in :func:`model_arrays`' order), named by their position."""
+        arrays, _ = model_arrays(self.model)
+        return [str(i) for i in range(len(arrays))], arrays
 
     @property
     def stochastic(self) -> bool:
         return self.transform is not None
 
-    def _forward(self, names: list[str], originals: list[mx.array]) -> Callable:
+    def _forward(self, names: Optional[list[str]] = None, originals: Optional[list[mx.array]] = None,
+                 training: bool = False) -> Callable:
+        """The traced forward ``(arrays, x) -> logits`` on a shallow copy of the model in ``training``
+        mode. ``names`` and ``originals`` are not used (kept for callers of the old signature)."""
         model, transform = self.model, self.transform
 
         def forward(params: list[mx.array], x: mx.array) -> mx.array:
@@ -116,13 +270,18 @@ class ModelFunction:
                 # The engine appends the draw's key to the parameters of a stochastic model.
                 *params, key = params
                 x = transform(x, key)
-            model.update(tree_unflatten(list(zip(names, params))))
-            try:
-                return model(x)
-            finally:
-                model.update(tree_unflatten(list(zip(names, originals))))
+            return model_copy(model, params, training)(x)
 
         return forward
+
+    def check_traced(self, training: bool = False) -> list[mx.array]:
+        """The model's arrays for an engine call; drops every compiled graph of this model first
+        when the model is no longer the one traced (its :class:`Fingerprint` changed)."""
+        arrays, fingerprint = model_arrays(self.model, training)
+        if fingerprint != self._traced:
+            self.clear()
+            self._traced = fingerprint
+        return arrays
 
     @property
     def trace_count(self) -> int:
@@ -136,6 +295,7 @@ class ModelFunction:
         """Drop the compiled functions of every engine of this model."""
         self.engine.clear()
         self.clear_suite()
+        self._traced = None
 
     def run_attack(
         self,
@@ -231,20 +391,19 @@ class ModelFunction:
                 engine.clear()
 
     def _run_engine(self, engine, *args, training: bool = False, **kwargs) -> tuple:
-        """``engine.run(forward, params, *args, **kwargs)`` with the model restored afterwards.
+        """``engine.run(forward, arrays, *args, **kwargs)`` on a shallow copy of the model.
 
-        The model runs in ``training`` mode (eval by default); on any error the engine drops its
+        The copy runs in ``training`` mode (eval by default); the model itself is never touched.
+        Retraces when the model changed since the last trace; on any error the engine drops its
         compiled entries so that the next call traces afresh.
         """
-        flat = tree_flatten(self.model.parameters())
-        names, params = [k for k, _ in flat], [v for _, v in flat]
-        forward = self._forward(names, params)
-        with preserved(self.model, training=training, params=flat):
-            try:
-                return engine.run(forward, params, *args, stochastic=self.stochastic, **kwargs)
-            except Exception:
-                engine.clear()
-                raise
+        params = self.check_traced(training)
+        forward = self._forward(training=training)
+        try:
+            return engine.run(forward, params, *args, stochastic=self.stochastic, **kwargs)
+        except Exception:
+            engine.clear()
+            raise
 
     _run_suite = _run_engine
 
@@ -356,22 +515,27 @@ def dlr_loss(logits: mx.array, y: mx.array, target: Optional[mx.array] = None) -
 
 
 class SmoothedFunction:
-    """An ``nn.Module`` as ``f(params, x)`` for randomized smoothing, plus its C++ sampling engine.
+    """An ``nn.Module`` as ``f(arrays, x)`` for randomized smoothing, plus its C++ sampling engine.
 
-    The engine's compiled chunk function takes the flattened parameters, the chunk's PRNG key and
-    sigma as inputs, so neither an optimizer update nor a new key is ever baked in.
+    The engine's compiled chunk function takes every array of the module tree (private ones
+    included), the chunk's PRNG key and sigma as inputs, so neither an optimizer update nor a new
+    key is ever baked in; a change of what is baked in (the model's :class:`Fingerprint`) makes the
+    next call trace again. Traces run on a shallow copy of the model, never on the model itself.
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.engine = _core.SmoothingEngine()
+        self._traced: Optional[Fingerprint] = None
 
     @property
     def trace_count(self) -> int:
         return self.engine.trace_count
 
     def clear(self) -> None:
+        """Drop the compiled functions of the sampling engine."""
         self.engine.clear()
+        self._traced = None
 
     def vote_counts(
         self,
@@ -396,29 +560,27 @@ class SmoothedFunction:
         """
         if overlap is None:
             overlap = mx.default_device().type == mx.cpu
-        flat = tree_flatten(self.model.parameters())
-        names, params = [k for k, _ in flat], [v for _, v in flat]
+        params, fingerprint = model_arrays(self.model, False)
+        if fingerprint != self._traced:
+            self.clear()
+            self._traced = fingerprint
         model = self.model
 
         def forward(p: list[mx.array], xb: mx.array) -> mx.array:
-            model.update(tree_unflatten(list(zip(names, p))))
-            try:
-                return model(xb)
-            finally:
-                model.update(tree_unflatten(list(zip(names, params))))
+            # On a shallow copy in eval mode: the model itself is never touched.
+            return model_copy(model, p, False)(xb)
 
         # Concrete keys: the core slices them on its noise stream, which must not wait on lazy work.
         mx.eval(x, keys)
-        with preserved(model, training=False):
-            try:
-                counts, nonfinite = self.engine.vote_counts(
-                    forward, params, x, keys, n=n, sigma=sigma, batch_size=batch_size,
-                    num_classes=num_classes, overlap=overlap,
-                )
-                return (counts, nonfinite) if with_nonfinite else counts
-            except Exception:
-                self.engine.clear()
-                raise
+        try:
+            counts, nonfinite = self.engine.vote_counts(
+                forward, params, x, keys, n=n, sigma=sigma, batch_size=batch_size,
+                num_classes=num_classes, overlap=overlap,
+            )
+            return (counts, nonfinite) if with_nonfinite else counts
+        except BaseException:  # an interrupt too: the next call traces afresh
+            self.engine.clear()
+            raise
 
 
 def chunk_rows(n: int, batch_size: int) -> list[int]:

@@ -177,8 +177,7 @@ class AdversarialValueAndGrad:
         x, _ = self.robust.validate(x)
         robust = self.robust
         if robust._num_classes is None:
-            with _functional.preserved(robust.model, training=False):
-                robust._logits(x[:1])
+            robust._logits(x[:1], training=False)
         return x, as_labels(y, x.shape[0], robust.num_classes, "y")
 
     # ---- the perturbation ---------------------------------------------------------------------

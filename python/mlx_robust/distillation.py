@@ -57,11 +57,12 @@ def soft_labels(teacher: nn.Module, x: Any, temperature: float, *, batch_size: i
     x = as_batch(x, "x")
     batch_size = _check_int(batch_size, "batch_size", 1)
     parts = []
-    with _functional.preserved(teacher, training=False):
-        for s in range(0, x.shape[0], batch_size):
-            p = mx.softmax(teacher(x[s : s + batch_size]).astype(mx.float32) / t, axis=-1)
-            mx.eval(p)
-            parts.append(p)
+    # A shallow copy in eval mode: the teacher itself is never touched.
+    teacher_eval = _functional.model_copy(teacher, training=False)
+    for s in range(0, x.shape[0], batch_size):
+        p = mx.softmax(teacher_eval(x[s : s + batch_size]).astype(mx.float32) / t, axis=-1)
+        mx.eval(p)
+        parts.append(p)
     return mx.concatenate(parts, axis=0)
 
 

@@ -31,9 +31,17 @@ def _fresh_key() -> mx.array:
 class RobustModel:
     """Wrap an ``mlx.nn.Module`` classifier for validated inference and attacks.
 
-    The wrapped model is never changed by this class: after every call (also one that raises)
-    its parameters are the same arrays and each module's train/eval mode is as it was. Attacks run
-    the model in eval mode.
+    The wrapped model is never changed by this class, not even while a call runs (another thread
+    may serve it meanwhile): every call runs a shallow copy of its module tree (new Module objects
+    sharing its arrays), so its parameters, attributes, child modules and train/eval modes stay as
+    they were, and a forward that assigns attributes (BatchNorm's running statistics in train mode,
+    a cached tensor) assigns them on the copy. Attacks, ``predict`` and smoothing run the model in
+    eval mode; ``robust(x)`` runs it in the mode each module is in.
+
+    Compiled attack and smoothing graphs are reused across calls; each call checks that the model
+    is still the one traced (module types and structure, non-array attribute values, names, shapes
+    and dtypes of its arrays) and traces again if not. Every array, private ``_name`` ones included,
+    is an input of the compiled graphs, so new values are always seen. ``clear()`` drops them all.
 
     Args:
         model: classifier mapping a batch (N, *input_shape) to logits (N, num_classes).
@@ -121,16 +129,32 @@ class RobustModel:
         """Validate a batch with this model's bounds, input shape and policy (see ``validate``)."""
         return validate(x, bounds=self.bounds, input_shape=self.input_shape, policy=self.on_invalid, name=name)
 
-    def _logits(self, x: mx.array, key: Optional[mx.array] = None, rows: Optional[mx.array] = None) -> mx.array:
-        # A random defence draws row i from row_keys(key, rows)[i] (rows: global sample indices,
-        # default 0..N-1), as in the attack engines; without a key, from MLX's global generator.
+    def clear(self) -> None:
+        """Drop every compiled graph of this model (attacks and smoothing); the next call traces it
+        again. Not needed after changing the model: each call detects a changed model by itself
+        (types, structure, attribute values, array shapes); useful to free memory, or after changing
+        state that is not visible from the module tree (e.g. a global read by the forward)."""
+        self._fn.clear()
+        self._smooth_fn.clear()
+
+    def _logits(
+        self,
+        x: mx.array,
+        key: Optional[mx.array] = None,
+        rows: Optional[mx.array] = None,
+        training: Optional[bool] = None,
+    ) -> mx.array:
+        """The defended model's logits on a shallow copy of the model (the model is never touched),
+        in ``training`` mode; None: each module's own mode. A random defence draws row i from
+        row_keys(key, rows)[i] (rows: global sample indices, default 0..N-1), as in the attack
+        engines; without a key, from MLX's global generator."""
         if self.noise is not None:
             if key is not None:
                 rows = mx.arange(x.shape[0], dtype=mx.uint32) if rows is None else rows
                 x = self.noise.apply(x, _functional.row_keys(key, rows))
             else:
                 x = self.noise.apply(x)
-        logits = self.model(x)
+        logits = _functional.model_forward(self.model, x, training)
         if not isinstance(logits, mx.array) or not mx.issubdtype(logits.dtype, mx.floating):
             got = logits.dtype if isinstance(logits, mx.array) else type(logits).__name__
             raise ValueError(f"the model must return an mx.array of floating-point logits, got {got}")
@@ -150,8 +174,11 @@ class RobustModel:
     def __call__(self, x: Any, *, key: Optional[mx.array] = None) -> mx.array:
         """Validated forward pass: logits (N, num_classes). Differentiable with respect to x.
 
-        With ``noise``, ``key`` (``mr.key(seed)``) makes the draw reproducible: sample i's noise
-        depends only on ``key`` and i; None draws from MLX's global generator.
+        Runs the model in the train/eval mode each of its modules is in (a model in train mode runs
+        as in training, e.g. BatchNorm on batch statistics), but never changes it: what the forward
+        assigns (BatchNorm's running statistics) lands on a copy and is dropped. With ``noise``,
+        ``key`` (``mr.key(seed)``) makes the draw reproducible: sample i's noise depends only on
+        ``key`` and i; None draws from MLX's global generator.
         """
         x, _ = self.validate(x)
         if key is not None:
@@ -161,17 +188,15 @@ class RobustModel:
     def _defended_logits(self, x: mx.array, key: Optional[mx.array], rows: Optional[mx.array], draws: int) -> mx.array:
         """float32 logits (N, C) in eval mode: the model's, or with ``noise`` the mean over ``draws``
         draws keyed per sample by ``key`` and ``rows`` (what an attack's logits mean: EOT)."""
-        with _functional.preserved(self.model, training=False):
-            if self.noise is None or key is None:
-                return self._logits(x).astype(mx.float32)
-            keys = mx.random.split(key, max(draws, 1))
-            total = sum(self._logits(x, keys[e], rows).astype(mx.float32) for e in range(max(draws, 1)))
-            return total / max(draws, 1)
+        if self.noise is None or key is None:
+            return self._logits(x, training=False).astype(mx.float32)
+        keys = mx.random.split(key, max(draws, 1))
+        total = sum(self._logits(x, keys[e], rows, training=False).astype(mx.float32) for e in range(max(draws, 1)))
+        return total / max(draws, 1)
 
     def clean_probabilities(self, x: mx.array) -> mx.array:
         """Softmax of the model on a validated batch, in eval mode, without noise (a constant)."""
-        with _functional.preserved(self.model, training=False):
-            logits = self.model(x)
+        logits = _functional.model_forward(self.model, x, training=False)
         return mx.stop_gradient(mx.softmax(logits.astype(mx.float32), axis=-1))
 
     def predict(self, x: Any, *, key: Optional[mx.array] = None) -> mx.array:
@@ -194,8 +219,7 @@ class RobustModel:
 
     def _base_predict(self, x: Any, key: Optional[mx.array] = None) -> mx.array:
         x, _ = self.validate(x)
-        with _functional.preserved(self.model, training=False):
-            logits = self._logits(x, key)
+        logits = self._logits(x, key, training=False)
         _check_finite_logits(logits)
         return mx.argmax(logits, axis=-1).astype(mx.int32)
 
@@ -243,8 +267,7 @@ class RobustModel:
     def _attack(self, x, y, attack, y_target, key, batch_size, progress) -> AttackResult:
         n = x.shape[0]
         if self._num_classes is None:
-            with _functional.preserved(self.model, training=False):
-                self._logits(x[:1])
+            self._logits(x[:1], training=False)
         y = self._base_predict(x) if y is None else as_labels(y, n, self.num_classes, "y")
         targets = None if y_target is None else as_labels(y_target, n, self.num_classes, "y_target")
         if key is None:

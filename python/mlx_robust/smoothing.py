@@ -316,8 +316,7 @@ def _resolve(robust: "RobustModel", **overrides: Any) -> Smoothing:
 
 def _ensure_num_classes(robust: "RobustModel", x: mx.array) -> int:
     if robust._num_classes is None:
-        with _functional.preserved(robust.model, training=False):
-            robust._logits(x[:1])
+        robust._logits(x[:1], training=False)
     return robust.num_classes
 
 

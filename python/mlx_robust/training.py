@@ -12,15 +12,15 @@ import numpy as np
 
 
 def accuracy(model: nn.Module, x: mx.array, y: mx.array, batch_size: int = 512) -> float:
-    """Clean accuracy of ``model`` on (x, y), evaluated in eval mode; every module's own mode is
-    restored afterwards (``model.train(flag)`` would overwrite submodules set differently)."""
-    from mlx_robust._functional import preserved
+    """Clean accuracy of ``model`` on (x, y), evaluated in eval mode on a shallow copy of the model:
+    the model itself (its modules' modes, BatchNorm statistics) is never touched."""
+    from mlx_robust._functional import model_copy
 
     correct = 0
-    with preserved(model, training=False):
-        for s in range(0, x.shape[0], batch_size):
-            pred = mx.argmax(model(x[s : s + batch_size]), axis=-1)
-            correct += int(mx.sum(pred == y[s : s + batch_size]).item())
+    model_eval = model_copy(model, training=False)
+    for s in range(0, x.shape[0], batch_size):
+        pred = mx.argmax(model_eval(x[s : s + batch_size]), axis=-1)
+        correct += int(mx.sum(pred == y[s : s + batch_size]).item())
     return correct / x.shape[0]
 
 

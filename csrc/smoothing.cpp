@@ -209,7 +209,7 @@ mx::array SmoothingEngine::vote_counts(
     throw std::invalid_argument("[certify] num_classes must be >= 2, got " + std::to_string(cfg.num_classes));
   }
 
-  std::lock_guard<std::mutex> serial(core_mutex());  // the GIL is released by the binding
+  CoreLock serial;  // the GIL is released by the binding
   drain_released();
   const auto rows = chunk_rows(cfg.n, cfg.batch_size);
   const int chunks = static_cast<int>(rows.size());
@@ -255,6 +255,7 @@ mx::array SmoothingEngine::vote_counts(
       auto chunk_keys = mx::random::split(ki, chunks, noise_s);
       auto counts = mx::zeros({num_classes}, mx::int32);
       for (int c = 0; c < chunks;) {
+        check_interrupt();
         int g = 1;
         while (g < group && c + g < chunks && rows[c + g] == rows[c]) {
           ++g;

@@ -239,7 +239,7 @@ class ModelFunction:
         with preserved(self.model, training=training, params=flat):
             try:
                 return engine.run(forward, params, *args, stochastic=self.stochastic, **kwargs)
-            except Exception:
+            except BaseException:  # KeyboardInterrupt too
                 engine.clear()
                 raise
 
@@ -386,7 +386,7 @@ class SmoothedFunction:
                     forward, params, x, keys, n=n, sigma=sigma, batch_size=batch_size,
                     num_classes=num_classes, overlap=overlap,
                 )
-            except Exception:
+            except BaseException:  # KeyboardInterrupt too
                 self.engine.clear()
                 raise
 

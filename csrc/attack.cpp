@@ -843,9 +843,9 @@ AttackOutput AttackEngine::run(
       // Keys of steps [t, t + k) of split(noise key of restart r, steps + 1) (row `steps` scores the
       // last iterate); a dummy for a deterministic model.
       const HostKey restart_noise = cfg.stochastic ? split_key(noise_key, cfg.restarts, r) : HostKey{0, 0};
+      const auto no_keys = mx::zeros({1, 2}, mx::uint32);
       auto keys_of = [&](int64_t t, int64_t k) {
-        return cfg.stochastic ? split_rows(restart_noise, static_cast<int64_t>(cfg.steps) + 1, t, t + k)
-                              : mx::zeros({1, 2}, mx::uint32);
+        return cfg.stochastic ? split_rows(restart_noise, static_cast<int64_t>(cfg.steps) + 1, t, t + k) : no_keys;
       };
       auto step_keys = keys_of(0, 1);
 

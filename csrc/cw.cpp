@@ -251,8 +251,9 @@ AttackOutput CwEngine::run(
         c = mx::minimum(upper, mx::array(kNoBound));  // the authors' last-round repeat
       }
       const HostKey round_key = cfg.stochastic ? split_key(round_stream, cfg.binary_search_steps, r) : HostKey{0, 0};
+      const auto no_keys = mx::zeros({1, 2}, mx::uint32);
       auto keys_of = [&](int64_t t, int64_t k) {
-        return cfg.stochastic ? split_rows(round_key, cfg.steps, t, t + k) : mx::zeros({1, 2}, mx::uint32);
+        return cfg.stochastic ? split_rows(round_key, cfg.steps, t, t + k) : no_keys;
       };
       auto keys = keys_of(0, 1);
       std::vector<mx::array> state{w0, mx::zeros_like(w0), mx::zeros_like(w0), mx::zeros({n}, mx::bool_),

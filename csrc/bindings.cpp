@@ -20,8 +20,10 @@ namespace {
 
 // check_interrupt's hook: between compiled chunks, on the main thread (the only one Python runs
 // signal handlers on), at most every kInterruptPeriod, take the GIL and run the pending handlers;
-// whatever they raise (KeyboardInterrupt) propagates as nb::python_error. Measured cost: see
-// tests/test_trust_core.py (an uncontended GIL round trip, about a microsecond, per check).
+// whatever they raise (KeyboardInterrupt) propagates as nb::python_error. A chunk is at most
+// `unroll` steps (10 only where a step takes < 2 ms), so Ctrl-C lands within a chunk's time.
+// Measured cost (2-core CPU, PGD on a linear model, 3000 single-step chunks): 53.5 us a chunk
+// with the check, 53-57 us without; unmeasurable.
 unsigned long main_thread_ident = 0;
 constexpr auto kInterruptPeriod = std::chrono::milliseconds(20);
 

@@ -88,15 +88,16 @@ std::vector<int> apgd_checkpoints(int steps) {
   if (steps < 1) {
     throw std::invalid_argument("[apgd] steps must be >= 1, got " + std::to_string(steps));
   }
-  // Integer interval lengths as in the authors' code (auto-attack, autopgd_base.py).
-  int k = std::max(static_cast<int>(0.22 * steps), 1);
-  const int decrease = std::max(static_cast<int>(0.03 * steps), 1);
-  const int smallest = std::max(static_cast<int>(0.06 * steps), 1);
+  // Integer interval lengths as in the authors' code (auto-attack, autopgd_base.py); 64-bit
+  // sums, since w + k can pass 2**31 for steps near it. At most about 20 checkpoints.
+  int64_t k = std::max(static_cast<int64_t>(0.22 * steps), int64_t{1});
+  const int64_t decrease = std::max(static_cast<int64_t>(0.03 * steps), int64_t{1});
+  const int64_t smallest = std::max(static_cast<int64_t>(0.06 * steps), int64_t{1});
   std::vector<int> out;
-  int w = 0;
+  int64_t w = 0;
   while (w + k <= steps) {
     w += k;
-    out.push_back(w);
+    out.push_back(static_cast<int>(w));
     k = std::max(k - decrease, smallest);
   }
   return out;
@@ -131,9 +132,10 @@ enum Slot : int {
   EPS,
   LO,
   HI,
-  KEYS,   // (steps + 1, 2): draw keys of a stochastic model (key 0 scores the start)
+  KEYS,   // (k, 2): draw keys of the chunk's k steps of a stochastic model (rows t0 + 1 .. t0 + k of
+          // the run's split(noise key, steps + 1); row 0 scores the start), indexed from the chunk
   ROWS,   // (N,): global sample indices (key a stochastic model's per-row draws)
-  CKPT,   // (steps,): interval length at the steps that end at a checkpoint, else 0
+  CKPT,   // (k,): per step of the chunk, the interval length if it ends at a checkpoint, else 0
   RHO,
   T0,
   NUM_SLOTS
@@ -243,7 +245,7 @@ std::vector<mx::array> steps_fn(
                 mx::multiply(mx::subtract(mx::array(1.0f), a), mx::subtract(s[X], s[XP]))));
     auto x = project(moved, x0, eps, in[LO], in[HI], cfg.norm);
     auto p = evaluate_with_grad(forward, params, x, num_classes, cfg, in[Y], in[TGT],
-                                draw_key_at(cfg, in[KEYS], mx::add(t, mx::array(1, mx::int32))), in[ROWS]);
+                                draw_key_at(cfg, in[KEYS], mx::array(j, mx::int32)), in[ROWS]);
 
     Best r = keep_best({s[RX], s[RL], s[RS], s[RZ]}, {x, p.loss, p.success, p.logits}, nd);
     auto ni = mx::add(s[NI], mx::astype(mx::greater(p.loss, s[LP]), mx::float32));
@@ -253,7 +255,7 @@ std::vector<mx::array> steps_fn(
     auto lb = mx::where(improved, p.loss, s[LB]);
 
     // Checkpoint (Croce & Hein 2020, §3.1): halve eta and go back to x_max on either condition.
-    auto len = mx::take(in[CKPT], t, 0);
+    auto len = mx::take(in[CKPT], mx::array(j, mx::int32), 0);
     auto at_ckpt = mx::greater(len, mx::array(0.0f));
     auto few_increases = mx::less(ni, mx::multiply(in[RHO], len));
     auto stalled = mx::logical_and(mx::logical_not(s[RED]), mx::greater_equal(s[LBL], lb));
@@ -364,9 +366,21 @@ AttackOutput ApgdEngine::run(
   if (cfg.unroll < 0) {
     throw std::invalid_argument("[apgd] unroll must be >= 0, got " + std::to_string(cfg.unroll));
   }
+  AttackInputs inputs;
+  inputs.x = &x0_in;
+  inputs.y = &y_in;
+  inputs.num_classes = num_classes;
+  inputs.lo = &lo;
+  inputs.hi = &hi;
+  inputs.eps = &eps_in;
+  if (cfg.targeted) {
+    inputs.target = &*target_in;
+  }
+  auto checks = check_attack_inputs("apgd", inputs);
 
-  std::lock_guard<std::mutex> serial(core_mutex());
+  CoreLock serial;
   drain_released();
+  checks.verify();  // before any label reaches a gather
   auto x0 = mx::astype(x0_in, mx::float32);
   auto y = mx::astype(y_in, mx::int32);
   auto user_target = cfg.targeted ? mx::astype(*target_in, mx::int32) : y;
@@ -409,21 +423,31 @@ AttackOutput ApgdEngine::run(
 
   const int n_targets = cfg.n_target_classes > 0 ? cfg.n_target_classes : 1;
   const int n_runs = n_targets * cfg.restarts;
-  // Independent streams: starts, a stochastic model's draws, the clean evaluation's draws.
-  auto streams = mx::random::split(key, 3);
-  auto start_keys = mx::random::split(mx::take(streams, 0, 0), n_runs);
-  auto noise_keys = cfg.stochastic ? mx::random::split(mx::take(streams, 1, 0), n_runs) : mx::array(0);
+  // Independent streams: starts, a stochastic model's draws, the clean evaluation's draws; each
+  // the row of mx::random::split it always was, derived on the host (split_key) so that nothing
+  // is allocated per step or per run.
+  const HostKey user_key = host_key(key, "apgd");
+  const HostKey start_stream = split_key(user_key, 3, 0);
+  const HostKey noise_stream = split_key(user_key, 3, 1);
   auto dummy_keys = mx::zeros({1, 2}, mx::uint32);
 
-  std::vector<float> ckpt_host(cfg.steps, 0.0f);
+  // The checkpoint schedule (about 20 steps), streamed per chunk: interval length at the steps
+  // that end at a checkpoint (1-based step w ends it), else 0.
+  std::map<int, float> ckpt_len;
   {
     int prev = 0;
     for (int w : apgd_checkpoints(cfg.steps)) {
-      ckpt_host[w - 1] = static_cast<float>(w - prev);
+      ckpt_len[w] = static_cast<float>(w - prev);
       prev = w;
     }
   }
-  auto ckpt = mx::array(ckpt_host.begin(), {cfg.steps}, mx::float32);
+  auto ckpt_of = [&](int t, int k) {
+    std::vector<float> c(k, 0.0f);
+    for (auto it = ckpt_len.lower_bound(t + 1); it != ckpt_len.end() && it->first <= t + k; ++it) {
+      c[it->first - t - 1] = it->second;
+    }
+    return mx::array(c.begin(), {k}, mx::float32);
+  };
   auto rho = mx::array(cfg.rho);
 
   int unroll = cfg.unroll > 0 ? cfg.unroll : chosen_unroll(x0.shape());
@@ -432,7 +456,7 @@ AttackOutput ApgdEngine::run(
   std::optional<Best> full;
   try {
     // Samples misclassified at x are not attacked (and keep x), as in the authors' code.
-    std::vector<mx::array> clean_in{x0, mx::take(streams, 2, 0), sample_idx};
+    std::vector<mx::array> clean_in{x0, key_array(split_key(user_key, 3, 2)), sample_idx};
     clean_in.insert(clean_in.end(), params.begin(), params.end());
     auto logits0 = clean_fn(clean_in)[0];
     std::optional<mx::array> ranked;  // APGD-T: classes by clean logit, ascending
@@ -461,10 +485,15 @@ AttackOutput ApgdEngine::run(
       if (active.empty()) {
         break;
       }
-      auto start_all = apgd_start(x0, eps, lo32, hi32, cfg.norm, mx::take(start_keys, run, 0));
+      auto start_all = apgd_start(x0, eps, lo32, hi32, cfg.norm, key_array(split_key(start_stream, n_runs, run)));
       auto tgt_all = target_of(tc);
-      auto step_keys = cfg.stochastic ? mx::random::split(mx::take(noise_keys, run, 0), cfg.steps + 1)
-                                      : dummy_keys;
+      // Rows [t, t + k) of the run's split(noise key, steps + 1): row 0 scores the start, row
+      // t + 1 step t.
+      const HostKey run_noise = cfg.stochastic ? split_key(noise_stream, n_runs, run) : HostKey{0, 0};
+      auto keys_of = [&](int64_t t, int64_t k) {
+        return cfg.stochastic ? split_rows(run_noise, static_cast<int64_t>(cfg.steps) + 1, t, t + k) : dummy_keys;
+      };
+      auto step_keys = keys_of(0, 1);
 
       // Working batch: the active samples padded with copies to a power of two, so that a
       // shrinking batch retraces at most log2(N) times.
@@ -486,7 +515,7 @@ AttackOutput ApgdEngine::run(
         auto idx = mx::array(new_rows.data(), {size}, mx::int32);
         auto rows_of = [&](const mx::array& a) { return identity ? a : take_rows(a, idx); };
         fixed = {rows_of(x0), rows_of(y), rows_of(tgt_all), rows_of(eps), lo32, hi32, step_keys,
-                 rows_of(sample_idx), ckpt, rho};
+                 rows_of(sample_idx), ckpt_of(0, 1), rho};
         return std::make_pair(new_rows, rows_of(start_all));
       };
       {
@@ -498,6 +527,9 @@ AttackOutput ApgdEngine::run(
         state = init(in);
       }
       auto run_chunk = [&](int k) {
+        check_interrupt();
+        fixed[KEYS - X0] = keys_of(done + 1, k);
+        fixed[CKPT - X0] = ckpt_of(done, k);
         std::vector<mx::array> in(state);
         in.insert(in.end(), fixed.begin(), fixed.end());
         in.push_back(mx::array(done, mx::int32));

@@ -85,7 +85,8 @@ struct ApgdConfig {
  *     (1) fewer than rho (w_j - w_{j-1}) steps since w_{j-1} increased f, or
  *     (2) eta and f_max are unchanged since w_{j-1} (not at the first checkpoint).
  *
- * The checkpoint logic runs inside the compiled steps (a per-step schedule input), so every
+ * The checkpoint logic runs inside the compiled steps (an input: the chunk's slice of the schedule,
+ * built on the host per chunk, so nothing is allocated per step), so every
  * chunk of `unroll` steps is one compiled call and the whole per-sample state travels through it.
  * Per sample the result is the first successful iterate, else the highest-objective one;
  * samples misclassified at x are returned as x. Restarts and APGD-T's target classes run only on

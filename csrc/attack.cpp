@@ -18,6 +18,111 @@ std::mutex& core_mutex() {
 }
 
 namespace {
+// Core entry points this thread is inside (0 or 1: a second entry throws).
+thread_local int core_depth = 0;
+std::atomic<void (*)()> interrupt_hook{nullptr};
+} // namespace
+
+bool in_core() {
+  return core_depth > 0;
+}
+
+CoreLock::CoreLock() {
+  if (core_depth > 0) {
+    // This thread holds core_mutex(): waiting for it would wait forever.
+    throw std::runtime_error(
+        "[mlx-robust] re-entrant call: the model's forward called into mlx-robust "
+        "(validate/predict/attack/certify) while it was being traced; call it outside the model");
+  }
+  lock_ = std::unique_lock<std::mutex>(core_mutex());
+  ++core_depth;
+}
+
+CoreLock::~CoreLock() {
+  --core_depth;
+}
+
+void set_interrupt_hook(void (*hook)()) {
+  interrupt_hook.store(hook);
+}
+
+void check_interrupt() {
+  if (auto hook = interrupt_hook.load()) {
+    hook();
+  }
+}
+
+namespace {
+
+// Threefry-2x32 with 20 rounds, as MLX's RandomBits (mlx/backend/cpu/threefry.cpp).
+std::pair<uint32_t, uint32_t> threefry2x32(std::pair<uint32_t, uint32_t> key, std::pair<uint32_t, uint32_t> count) {
+  static constexpr uint32_t rotations[2][4] = {{13, 15, 26, 6}, {17, 29, 16, 24}};
+  const uint32_t ks[3] = {key.first, key.second, key.first ^ key.second ^ 0x1BD11BDAu};
+  count.first += ks[0];
+  count.second += ks[1];
+  for (int i = 0; i < 5; ++i) {
+    for (auto r : rotations[i % 2]) {
+      count.first += count.second;
+      count.second = (count.second << r) | (count.second >> (32 - r));
+      count.second ^= count.first;
+    }
+    count.first += ks[(i + 1) % 3];
+    count.second += ks[(i + 2) % 3] + i + 1;
+  }
+  return count;
+}
+
+} // namespace
+
+HostKey host_key(const mx::array& key, const char* tag) {
+  if (key.ndim() != 1 || key.shape(0) != 2 || key.dtype() != mx::uint32) {
+    throw std::invalid_argument(std::string("[") + tag + "] key must be a PRNG key of shape (2,) and dtype uint32, got " +
+                                shape_string(key));
+  }
+  auto k = mx::contiguous(key);
+  mx::eval(k);
+  auto p = k.data<uint32_t>();
+  return {p[0], p[1]};
+}
+
+HostKey split_key(HostKey key, int64_t num, int64_t row) {
+  if (num < 1 || num > (int64_t{1} << 31) || row < 0 || row >= num) {
+    throw std::invalid_argument("[attack] split_key needs 0 <= row < num <= 2**31, got row " + std::to_string(row) +
+                                " of " + std::to_string(num));
+  }
+  // split(key, num) is bits({num, 2}) of one key: 2 num words, word c and word c + num being the
+  // two halves of threefry(key, (c, c + num)) for c < num.
+  const uint32_t half = static_cast<uint32_t>(num);
+  auto word = [&](int64_t p) {
+    if (p < num) {
+      return threefry2x32(key, {static_cast<uint32_t>(p), static_cast<uint32_t>(p) + half}).first;
+    }
+    auto c = static_cast<uint32_t>(p - num);
+    return threefry2x32(key, {c, c + half}).second;
+  };
+  return {word(2 * row), word(2 * row + 1)};
+}
+
+mx::array split_rows(HostKey key, int64_t num, int64_t begin, int64_t end) {
+  if (end < begin) {
+    throw std::invalid_argument("[attack] split_rows needs begin <= end");
+  }
+  std::vector<uint32_t> out;
+  out.reserve(static_cast<size_t>(end - begin) * 2);
+  for (int64_t r = begin; r < end; ++r) {
+    auto k = split_key(key, num, r);
+    out.push_back(k.first);
+    out.push_back(k.second);
+  }
+  return mx::array(out.begin(), {static_cast<int>(end - begin), 2}, mx::uint32);
+}
+
+mx::array key_array(HostKey key) {
+  uint32_t w[2] = {key.first, key.second};
+  return mx::array(w, {2}, mx::uint32);
+}
+
+namespace {
 
 // MLX_ROBUST_PROFILE=1: print the wall time of each phase of AttackEngine::run to stderr (where a
 // call's fixed cost goes; benchmarks/gpu/profile_attack.py --phases).
@@ -85,10 +190,13 @@ void erase_compiled(const std::vector<std::uintptr_t>& ids) {
 }
 
 void release_compiled(const std::vector<std::uintptr_t>& ids) {
-  std::unique_lock<std::mutex> serial(core_mutex(), std::try_to_lock);
-  if (serial.owns_lock()) {
-    erase_compiled(ids);
-    return;
+  // Inside the core this thread holds the lock already (try_lock would be undefined): defer.
+  if (!in_core()) {
+    std::unique_lock<std::mutex> serial(core_mutex(), std::try_to_lock);
+    if (serial.owns_lock()) {
+      erase_compiled(ids);
+      return;
+    }
   }
   std::lock_guard<std::mutex> lock(released_mutex);
   released_ids.insert(released_ids.end(), ids.begin(), ids.end());
@@ -117,6 +225,186 @@ void check_labels(const mx::array& y, int num_classes, const char* where, const 
     throw std::invalid_argument(
         std::string("[") + where + "] " + name + " must lie in [0, " + std::to_string(num_classes) +
         "), got labels in [" + std::to_string(r[0]) + ", " + std::to_string(r[1]) + "]");
+  }
+}
+
+namespace {
+
+std::string num_string(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%g", v);
+  return buf;
+}
+
+// (count of bad elements, the first bad element) of `values` where `bad` holds, as float32.
+std::vector<mx::array> bad_facts(const mx::array& values, const mx::array& bad) {
+  auto flat_bad = mx::reshape(bad, {-1});
+  auto flat = mx::reshape(mx::astype(mx::broadcast_to(values, bad.shape()), mx::float32), {-1});
+  auto first = mx::take(flat, mx::argmax(flat_bad), 0);
+  return {mx::astype(mx::sum(flat_bad), mx::float32), first};
+}
+
+void require_vector(const char* tag, const mx::array& a, int n, const char* name, const char* of = "x") {
+  if (a.ndim() != 1 || a.shape(0) != n) {
+    throw std::invalid_argument(std::string("[") + tag + "] " + name + " must have shape (N,) matching " + of +
+                                " (N = " + std::to_string(n) + "), got " + shape_string(a));
+  }
+}
+
+void require_integer(const char* tag, const mx::array& a, const char* name) {
+  if (!mx::issubdtype(a.dtype(), mx::integer)) {
+    throw std::invalid_argument(std::string("[") + tag + "] " + name + " must hold integer class labels");
+  }
+}
+
+void require_real(const char* tag, const mx::array& a, const char* name) {
+  if (!mx::issubdtype(a.dtype(), mx::integer) && !mx::issubdtype(a.dtype(), mx::floating)) {
+    throw std::invalid_argument(std::string("[") + tag + "] " + name + " must be a real number array");
+  }
+}
+
+} // namespace
+
+PendingInputChecks::PendingInputChecks(std::string tag, std::vector<std::string> what, mx::array facts, mx::array ranges)
+    : tag_(std::move(tag)), what_(std::move(what)), facts_(std::move(facts)), ranges_(std::move(ranges)) {}
+
+void PendingInputChecks::verify() const {
+  mx::eval({facts_, ranges_});
+  // Ranges first: [y_min, y_max, (target_min, target_max)], each against [0, num_classes).
+  auto r = ranges_.data<int64_t>();
+  auto f = facts_.data<float>();
+  const int64_t c = r[0];
+  int n_ranges = (static_cast<int>(ranges_.size()) - 1) / 2;
+  for (int i = 0; i < n_ranges; ++i) {
+    int64_t lo = r[1 + 2 * i], hi = r[2 + 2 * i];
+    if (lo < 0 || hi >= c) {
+      throw std::invalid_argument(
+          "[" + tag_ + "] " + what_[i] + " must lie in [0, " + std::to_string(c) + "), got labels in [" +
+          std::to_string(lo) + ", " + std::to_string(hi) + "]");
+    }
+  }
+  for (size_t i = n_ranges; i < what_.size(); ++i) {
+    size_t j = 2 * (i - n_ranges);
+    if (f[j] > 0) {
+      throw std::invalid_argument("[" + tag_ + "] " + what_[i] + ", got " + num_string(f[j]) +
+                                  " bad value(s), e.g. " + num_string(f[j + 1]));
+    }
+  }
+}
+
+PendingInputChecks check_attack_inputs(const char* tag, const AttackInputs& in) {
+  if (!in.x || !in.y || !in.lo || !in.hi) {
+    throw std::invalid_argument(std::string("[") + tag + "] x, y, lo and hi are required");
+  }
+  const auto& x = *in.x;
+  const auto& y = *in.y;
+  if (x.ndim() < 2 || x.shape(0) < 1 || x.size() == 0) {
+    throw std::invalid_argument(std::string("[") + tag + "] x must be a non-empty batch of rank >= 2, got shape " +
+                                shape_string(x));
+  }
+  if (!mx::issubdtype(x.dtype(), mx::floating)) {
+    throw std::invalid_argument(std::string("[") + tag + "] x must be floating point");
+  }
+  const int n = x.shape(0);
+  require_vector(tag, y, n, in.y_name);
+  require_integer(tag, y, in.y_name);
+  if (in.num_classes < 2) {
+    throw std::invalid_argument(std::string("[") + tag + "] num_classes must be >= 2, got " +
+                                std::to_string(in.num_classes));
+  }
+  require_real(tag, *in.lo, "lo");
+  require_real(tag, *in.hi, "hi");
+  try {
+    mx::broadcast_shapes(mx::broadcast_shapes(in.lo->shape(), in.hi->shape()), x.shape());
+  } catch (const std::invalid_argument&) {
+    throw std::invalid_argument(std::string("[") + tag + "] the bounds lo " + shape_string(*in.lo) + " and hi " +
+                                shape_string(*in.hi) + " must broadcast to x " + shape_string(x));
+  }
+  if (in.eps) {
+    require_vector(tag, *in.eps, n, "eps");
+    require_real(tag, *in.eps, "eps");
+  }
+  if (in.step_size) {
+    require_vector(tag, *in.step_size, n, "step_size");
+    require_real(tag, *in.step_size, "step_size");
+  }
+  if (in.target) {
+    require_vector(tag, *in.target, n, "target");
+    require_integer(tag, *in.target, "target");
+  }
+  if (in.probs) {
+    const auto& p = *in.probs;
+    if (p.ndim() != 2 || p.shape(0) != n || p.shape(1) != in.num_classes) {
+      throw std::invalid_argument(std::string("[") + tag + "] probs must have shape (" + std::to_string(n) + ", " +
+                                  std::to_string(in.num_classes) + "), got " + shape_string(p));
+    }
+    require_real(tag, p, "probs");
+  }
+
+  // Values: one small graph, evaluated by verify() (or with the caller's result).
+  std::vector<std::string> what;
+  std::vector<mx::array> ranges{mx::array(static_cast<int64_t>(in.num_classes), mx::int64)};
+  auto add_range = [&](const mx::array& labels, const std::string& name) {
+    auto l = mx::astype(labels, mx::int64);
+    ranges.push_back(mx::min(l));
+    ranges.push_back(mx::max(l));
+    what.push_back(name);
+  };
+  add_range(y, in.y_name);
+  if (in.target) {
+    add_range(*in.target, "target");
+  }
+  std::vector<mx::array> facts;
+  auto add = [&](const std::vector<mx::array>& f, const std::string& message) {
+    facts.insert(facts.end(), f.begin(), f.end());
+    what.push_back(message);
+  };
+  auto finite = [](const mx::array& a) { return mx::isfinite(mx::astype(a, mx::float32)); };
+  auto lo = mx::astype(*in.lo, mx::float32);
+  auto hi = mx::astype(*in.hi, mx::float32);
+  add(bad_facts(lo, mx::logical_not(finite(lo))), "lo must be finite");
+  add(bad_facts(hi, mx::logical_not(finite(hi))), "hi must be finite");
+  auto both = mx::broadcast_arrays({lo, hi});
+  add(bad_facts(mx::subtract(both[0], both[1]), mx::greater(both[0], both[1])),
+      "the bounds must satisfy lo <= hi (values shown: lo - hi)");
+  auto non_negative = [&](const mx::array& a, const char* name) {
+    auto v = mx::astype(a, mx::float32);
+    auto bad = mx::logical_not(mx::logical_and(mx::isfinite(v), mx::greater_equal(v, mx::array(0.0f))));
+    add(bad_facts(v, bad), std::string(name) + " must be finite and >= 0");
+  };
+  if (in.eps) {
+    non_negative(*in.eps, "eps");
+  }
+  if (in.step_size) {
+    non_negative(*in.step_size, "step_size");
+  }
+  if (in.probs) {
+    auto p = mx::astype(*in.probs, mx::float32);
+    auto bad = mx::logical_not(mx::logical_and(mx::isfinite(p), mx::greater_equal(p, mx::array(0.0f))));
+    add(bad_facts(p, bad), "probs must be finite and >= 0");
+    auto sums = mx::sum(p, -1);
+    auto off = mx::greater(mx::abs(mx::subtract(sums, mx::array(1.0f))), mx::array(1e-3f));
+    add(bad_facts(sums, off), "each row of probs must sum to 1 (values shown: row sums)");
+  }
+  return PendingInputChecks(tag, what, mx::stack(facts), mx::stack(ranges));
+}
+
+void check_loss_inputs(const char* tag, const mx::array& logits, const mx::array& y,
+                       const std::optional<mx::array>& target, int min_classes) {
+  if (logits.ndim() != 2 || !mx::issubdtype(logits.dtype(), mx::floating)) {
+    throw std::invalid_argument(std::string("[") + tag + "] logits must be floating point of shape (N, C), got " +
+                                shape_string(logits));
+  }
+  if (logits.shape(1) < min_classes) {
+    throw std::invalid_argument(std::string("[") + tag + "] logits need C >= " + std::to_string(min_classes) +
+                                " classes, got C = " + std::to_string(logits.shape(1)));
+  }
+  const int n = logits.shape(0);
+  require_vector(tag, y, n, "y", "logits");
+  check_labels(y, logits.shape(1), tag, "y");
+  if (target) {
+    require_vector(tag, *target, n, "target", "logits");
+    check_labels(*target, logits.shape(1), tag, "target");
   }
 }
 
@@ -266,7 +554,9 @@ mx::array attack_success(const mx::array& logits, const mx::array& y, bool targe
 namespace {
 
 // Compiled-function input layout.
-// STEP_KEYS (steps + 1, 2): one key per step of a stochastic model; T0: index of the chunk's first step.
+// STEP_KEYS (k, 2): the keys of the chunk's k steps of a stochastic model (rows t0 .. t0 + k - 1 of the
+// restart's split(noise key, steps + 1)), indexed from the chunk's start; T0: index of the chunk's
+// first step.
 // PROBS (N, C): clean probabilities for the KL objective, a dummy otherwise.
 // ROWS (N,): each row's global sample index (keys a stochastic model's per-row draws).
 enum Slot : int { X = 0, BX, BL, BS, BZ, X0, Y, EPS, ALPHA, LO, HI, STEP_KEYS, PROBS, ROWS, T0, NUM_SLOTS };
@@ -379,7 +669,7 @@ std::vector<mx::array> steps_fn(
     // Loss, success and logits ride along as values of the one forward pass (as mx.value_and_grad
     // does with aux outputs); only the summed objective is differentiated.
     std::optional<Evaluated> ev;
-    auto t = mx::add(in[T0], mx::array(j, mx::int32));
+    auto t = mx::array(j, mx::int32);  // the step's row of the chunk's keys
     auto objective = [&](const std::vector<mx::array>& xs) -> std::vector<mx::array> {
       ev = check_and_score(forward, params, xs[0], y, num_classes, cfg, in[STEP_KEYS], t, in[PROBS], in[ROWS], is_y);
       return {mx::sum(ev->loss)};
@@ -414,7 +704,8 @@ std::vector<mx::array> final_fn(
     int num_classes,
     const AttackConfig& cfg) {
   auto params = slice_params(in);
-  auto ev = check_and_score(forward, params, in[X], in[Y], num_classes, cfg, in[STEP_KEYS], in[T0], in[PROBS], in[ROWS]);
+  auto ev = check_and_score(forward, params, in[X], in[Y], num_classes, cfg, in[STEP_KEYS], mx::array(0, mx::int32),
+                            in[PROBS], in[ROWS]);
   Best best{in[X], ev.loss, ev.success, ev.logits};
   if (cfg.track_best && !freezes(cfg)) {
     best = finish_restart({in[BX], in[BL], in[BS], in[BZ]}, best, in[Y], cfg, in[PROBS], in[X].ndim());
@@ -481,15 +772,26 @@ AttackOutput AttackEngine::run(
     throw std::invalid_argument("[attack] unroll must be >= 0");
   }
   auto sample_idx = sample_rows(rows_in, n, "attack");
+  AttackInputs inputs;
+  inputs.x = &x0_in;
+  inputs.y = &y_in;
+  inputs.num_classes = num_classes;
+  inputs.lo = &lo;
+  inputs.hi = &hi;
+  inputs.eps = &eps_in;
+  inputs.step_size = &step_size_in;
+  if (cfg.loss == LossKind::KL) {
+    inputs.probs = &*probs_in;
+  }
+  auto checks = check_attack_inputs("attack", inputs);
 
-  std::lock_guard<std::mutex> serial(core_mutex());
+  CoreLock serial;
   drain_released();  // before this engine's address can be reused by a new engine's ids
   auto x0 = mx::astype(x0_in, mx::float32);
-  // Labels are range-checked without a host round trip: the check is evaluated with the result
-  // (and raises then), while the loop only ever sees labels clipped into range (no gather or
-  // compare can go out of bounds, whatever the caller passed).
+  // The values (labels, bounds, eps, probs) are checked without a host round trip: the checks are
+  // evaluated with the result (and raise then), while the loop only ever sees labels clipped into
+  // range (no gather or compare can go out of bounds, whatever the caller passed).
   auto y_raw = mx::astype(y_in, mx::int64);
-  auto label_range = mx::stack({mx::min(y_raw), mx::max(y_raw)});
   auto y = mx::astype(mx::clip(y_raw, mx::array(0, mx::int64), mx::array(num_classes - 1, mx::int64)), mx::int32);
   auto eps = mx::astype(eps_in, mx::float32);
   auto alpha = mx::astype(step_size_in, mx::float32);
@@ -527,9 +829,10 @@ AttackOutput AttackEngine::run(
             mx::zeros({n, num_classes}, mx::float32)};
   // Random starts use split(key, restarts); a stochastic model's draws use keys split from the
   // other half of split(key), one per step of each restart, so neither depends on the unroll depth.
-  auto restart_keys = cfg.random_start ? mx::random::split(key, cfg.restarts) : mx::array(0);
-  auto noise_keys = cfg.stochastic ? mx::random::split(mx::random::split(key).second, cfg.restarts)
-                                   : mx::array(0);
+  // Derived on the host (split_key, bit-identical to mx::random::split), so that no array grows
+  // with `restarts` or `steps`: a chunk receives only its own steps' keys.
+  const HostKey user_key = host_key(key, "attack");
+  const HostKey noise_key = split_key(user_key, 2, 1);
 
   int unroll = cfg.unroll;
   if (unroll == 0) {
@@ -561,12 +864,17 @@ AttackOutput AttackEngine::run(
       }
 
       auto start_all = cfg.random_start
-          ? random_start(x0, eps, lo32, hi32, cfg.norm, mx::take(restart_keys, r, 0))
+          ? random_start(x0, eps, lo32, hi32, cfg.norm, key_array(split_key(user_key, cfg.restarts, r)))
           : x0;
 
-      auto step_keys = cfg.stochastic
-          ? mx::random::split(mx::take(noise_keys, r, 0), cfg.steps + 1)
-          : mx::zeros({1, 2}, mx::uint32);
+      // Keys of steps [t, t + k) of split(noise key of restart r, steps + 1) (row `steps` scores the
+      // last iterate); a dummy for a deterministic model.
+      const HostKey restart_noise = cfg.stochastic ? split_key(noise_key, cfg.restarts, r) : HostKey{0, 0};
+      const auto no_keys = mx::zeros({1, 2}, mx::uint32);
+      auto keys_of = [&](int64_t t, int64_t k) {
+        return cfg.stochastic ? split_rows(restart_noise, static_cast<int64_t>(cfg.steps) + 1, t, t + k) : no_keys;
+      };
+      auto step_keys = keys_of(0, 1);
 
       // Working batch: the active samples, padded with copies to a power of two so that a
       // shrinking batch retraces at most log2(N) times.
@@ -624,6 +932,8 @@ AttackOutput AttackEngine::run(
         return in;
       };
       auto run_chunk = [&](int k) {
+        check_interrupt();
+        fixed[STEP_KEYS - X0] = keys_of(done, k);
         state = make_steps(k)(inputs_of(state));
         mx::async_eval(state);
       };
@@ -697,6 +1007,7 @@ AttackOutput AttackEngine::run(
         }
       }
       timer.mark("steps");
+      fixed[STEP_KEYS - X0] = keys_of(cfg.steps, 1);
       state = finish(inputs_of(state));
       flush(true);
       timer.mark("finish");
@@ -714,14 +1025,13 @@ AttackOutput AttackEngine::run(
   // One host round trip for the whole result, the label check included.
   auto norms = batch_norm_of(mx::subtract(full.x, x0), cfg.norm);
   auto x_adv = mx::astype(full.x, x0_in.dtype());
-  mx::eval({x_adv, norms, full.success, full.loss, full.logits, label_range});
-  timer.mark("eval");
-  auto r = label_range.data<int64_t>();
-  if (r[0] < 0 || r[1] >= num_classes) {
-    throw std::invalid_argument(
-        "[attack] y must lie in [0, " + std::to_string(num_classes) + "), got labels in [" +
-        std::to_string(r[0]) + ", " + std::to_string(r[1]) + "]");
+  std::vector<mx::array> outputs{x_adv, norms, full.success, full.loss, full.logits};
+  for (auto& a : checks.arrays()) {
+    outputs.push_back(a);
   }
+  mx::eval(outputs);
+  timer.mark("eval");
+  checks.verify();
   return {x_adv, full.success, full.loss, full.logits, norms};
 }
 

@@ -22,6 +22,58 @@ namespace mlx_robust {
  */
 std::mutex& core_mutex();
 
+/** Whether this thread is inside a core entry point (holds core_mutex() through a CoreLock). */
+bool in_core();
+
+/**
+ * The core lock of one entry point (an engine's run, vote counting, validation, clear): holds
+ * core_mutex() and marks this thread as inside the core. Entered again from the same thread (a
+ * model's forward, traced with the lock held, calling into mlx-robust) it throws
+ * std::runtime_error instead of deadlocking; other threads simply wait. Take it after releasing
+ * the GIL.
+ */
+class CoreLock {
+ public:
+  CoreLock();
+  ~CoreLock();
+  CoreLock(const CoreLock&) = delete;
+  CoreLock& operator=(const CoreLock&) = delete;
+
+ private:
+  std::unique_lock<std::mutex> lock_;
+};
+
+/**
+ * Between compiled chunks of every long loop (engines' steps, smoothing's votes): let a pending
+ * interrupt (Ctrl-C) through. Calls the hook the bindings installed (which briefly takes the GIL
+ * and runs Python's signal handlers, throwing what they raise); a no-op without one.
+ */
+void check_interrupt();
+
+/** Install check_interrupt's hook (the bindings do, at import). */
+void set_interrupt_hook(void (*hook)());
+
+/** A PRNG key's two words, on the host. */
+using HostKey = std::pair<uint32_t, uint32_t>;
+
+/** The words of a PRNG key (2,) uint32 (evaluated here); throws std::invalid_argument("[tag] ...")
+    for anything else. */
+HostKey host_key(const mx::array& key, const char* tag = "attack");
+
+/**
+ * Row `row` of mx::random::split(key, num), computed on the host (Threefry-2x32, as MLX's
+ * RandomBits) without the other rows: per-step keys of a long loop then cost memory per chunk,
+ * not per step. Bit-identical to mx::random::split(key, num)[row]. 1 <= num <= 2**31.
+ */
+HostKey split_key(HostKey key, int64_t num, int64_t row);
+
+/** Rows [begin, end) of mx::random::split(key, num) as a materialised (end - begin, 2) uint32
+    array (split_key per row). */
+mx::array split_rows(HostKey key, int64_t num, int64_t begin, int64_t end);
+
+/** A materialised (2,) uint32 key array. */
+mx::array key_array(HostKey key);
+
 /** Erase compiled-function ids from the compile cache now; call with core_mutex() held. */
 void erase_compiled(const std::vector<std::uintptr_t>& ids);
 
@@ -83,6 +135,13 @@ class CompiledEngine {
       Call with core_mutex() held or while no other thread runs the core. */
   void clear() {
     erase_compiled(ids());
+    unrolls_.clear();
+  }
+
+  /** clear() for a caller that cannot take the core lock (this thread is inside the core): the
+      compiled functions are erased at the next core run (release_compiled). */
+  void clear_later() {
+    release_compiled(ids());
     unrolls_.clear();
   }
 
@@ -180,6 +239,61 @@ int next_pow2(int n);
  * Evaluates `y` (one small host sync). Throws std::invalid_argument("[<where>] ...").
  */
 void check_labels(const mx::array& y, int num_classes, const char* where = "attack", const char* name = "y");
+
+/**
+ * The inputs of an attack engine's run that check_attack_inputs checks. Optional members (null)
+ * are not checked; `target` and `probs` only where the engine uses them.
+ */
+struct AttackInputs {
+  const mx::array* x = nullptr;          // floating, rank >= 2, N >= 1
+  const mx::array* y = nullptr;          // (N,) integer labels in [0, num_classes)
+  int num_classes = 0;                   // >= 2
+  const mx::array* lo = nullptr;         // finite, lo <= hi, broadcastable to x
+  const mx::array* hi = nullptr;
+  const mx::array* eps = nullptr;        // (N,) finite, >= 0
+  const mx::array* step_size = nullptr;  // (N,) finite, >= 0
+  const mx::array* target = nullptr;     // (N,) integer targets in [0, num_classes)
+  const mx::array* probs = nullptr;      // (N, C) finite, >= 0, rows summing to 1 (+-1e-3)
+  const char* y_name = "y";              // what y is called in messages ("y" or "targets")
+};
+
+/**
+ * What check_attack_inputs could not check without reading the data: small arrays (label ranges,
+ * counts of bad values) that `verify` evaluates (unless already evaluated) and turns into
+ * std::invalid_argument. Evaluate them with the result to avoid a host round trip.
+ */
+class PendingInputChecks {
+ public:
+  PendingInputChecks(std::string tag, std::vector<std::string> what, mx::array facts, mx::array ranges);
+  /** The arrays to evaluate (with other work, or by verify). */
+  std::vector<mx::array> arrays() const {
+    return {facts_, ranges_};
+  }
+  /** Evaluate (if needed) and throw std::invalid_argument("[tag] ...") on the first bad value. */
+  void verify() const;
+
+ private:
+  std::string tag_;
+  std::vector<std::string> what_;
+  mx::array facts_;   // float32: per check, count of bad values then an example bad value
+  mx::array ranges_;  // int64: min and max of y, then of target
+};
+
+/**
+ * The one input check every attack engine (PGD, APGD, C&W, Square) runs, whatever its caller
+ * checked: shapes and dtypes now (throws std::invalid_argument("[tag] ...")), and the values
+ * (labels and targets in [0, num_classes), finite bounds with lo <= hi, finite eps >= 0, KL
+ * probabilities) as a PendingInputChecks. Until verify() passed, an engine must only use labels
+ * clipped into range (no gather may read outside the logits).
+ */
+PendingInputChecks check_attack_inputs(const char* tag, const AttackInputs& in);
+
+/**
+ * For the loss helpers called directly (dlr_loss, cw_margin_loss): logits (N, C) floating with
+ * C >= min_classes, y (and target, if given) (N,) integers in [0, C). Evaluates the labels.
+ */
+void check_loss_inputs(const char* tag, const mx::array& logits, const mx::array& y,
+                       const std::optional<mx::array>& target, int min_classes);
 
 /** Parse "ce" / "margin" / "kl"; throws on anything else. */
 LossKind parse_loss(const std::string& loss);

@@ -5,6 +5,8 @@
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
+#include <cmath>
+
 #include "apgd.h"
 #include "bind_util.h"
 #include "attack.h"
@@ -112,6 +114,7 @@ void init_suite(nb::module_& m) {
   m.def(
       "dlr_loss",
       [](const mx::array& logits, const mx::array& y, const std::optional<mx::array>& target) {
+        check_loss_inputs("dlr_loss", logits, y, target, 2);  // the loss names its own class minimum
         return target ? dlr_loss_targeted(logits, y, *target) : dlr_loss(logits, y);
       },
       "logits"_a, "y"_a, "target"_a = nb::none(),
@@ -119,6 +122,11 @@ void init_suite(nb::module_& m) {
   m.def(
       "cw_margin_loss",
       [](const mx::array& logits, const mx::array& y, float kappa, bool targeted) {
+        check_loss_inputs("cw_margin_loss", logits, y, std::nullopt, 2);
+        if (!std::isfinite(kappa) || kappa < 0.0f) {
+          throw std::invalid_argument("[cw_margin_loss] kappa must be a finite number >= 0, got " +
+                                      std::to_string(kappa));
+        }
         return cw_margin_loss(logits, y, kappa, targeted);
       },
       "logits"_a, "y"_a, "kappa"_a = 0.0f, "targeted"_a = false,

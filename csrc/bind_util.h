@@ -54,7 +54,13 @@ void bind_engine_common(nb::class_<Engine>& cls) {
           "clear",
           [](Engine& self) {
             nb::gil_scoped_release nogil;
-            std::lock_guard<std::mutex> serial(core_mutex());
+            if (in_core()) {
+              // Called from a forward being traced (this thread holds the core lock): erase at
+              // the next core run instead of waiting for ourselves.
+              self.clear_later();
+              return;
+            }
+            CoreLock serial;
             self.clear();
           },
           "Drop every compiled function of this engine.");

@@ -5,6 +5,8 @@
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
+#include <chrono>
+
 #include "attack.h"
 #include "bind_util.h"
 #include "project.h"
@@ -15,6 +17,31 @@ using namespace nb::literals;
 using namespace mlx_robust;
 
 namespace {
+
+// check_interrupt's hook: between compiled chunks, on the main thread (the only one Python runs
+// signal handlers on), at most every kInterruptPeriod, take the GIL and run the pending handlers;
+// whatever they raise (KeyboardInterrupt) propagates as nb::python_error. A chunk is at most
+// `unroll` steps (10 only where a step takes < 2 ms), so Ctrl-C lands within a chunk's time.
+// Measured cost (2-core CPU, PGD on a linear model, 3000 single-step chunks): 53.5 us a chunk
+// with the check, 53-57 us without; unmeasurable.
+unsigned long main_thread_ident = 0;
+constexpr auto kInterruptPeriod = std::chrono::milliseconds(20);
+
+void python_interrupt_check() {
+  if (PyThread_get_thread_ident() != main_thread_ident) {
+    return;
+  }
+  static thread_local std::chrono::steady_clock::time_point last{};
+  auto now = std::chrono::steady_clock::now();
+  if (now - last < kInterruptPeriod) {
+    return;
+  }
+  last = now;
+  nb::gil_scoped_acquire gil;
+  if (PyErr_CheckSignals() != 0) {
+    throw nb::python_error();
+  }
+}
 
 void init_attack(nb::module_& m) {
   auto attack_engine = nb::class_<AttackEngine>(m, "AttackEngine",
@@ -99,6 +126,14 @@ void init_attack(nb::module_& m) {
       },
       "logits"_a, "y"_a, "loss"_a = "ce", "targeted"_a = false, "probs"_a = nb::none(),
       "Per-sample objective the attack maximises.");
+  m.def(
+      "split_keys",
+      [](const mx::array& key, int64_t num, int64_t begin, int64_t end) {
+        return split_rows(host_key(key, "split_keys"), num, begin, end);
+      },
+      "key"_a, "num"_a, "begin"_a, "end"_a,
+      "Rows [begin, end) of mx.random.split(key, num), computed on the host without the other rows "
+      "(how the engines derive per-step keys; bit-identical).");
 }
 
 void init_validate(nb::module_& m) {
@@ -126,7 +161,7 @@ void init_validate(nb::module_& m) {
       [](const mx::array& x, const std::optional<std::vector<int>>& sample_shape,
          const mx::array& lo, const mx::array& hi, int max_indices, const std::string& name) {
         nb::gil_scoped_release nogil;
-        std::lock_guard<std::mutex> serial(core_mutex());
+        CoreLock serial;
         return validate_batch(x, sample_shape, lo, hi, max_indices, name);
       },
       "x"_a, "sample_shape"_a = nb::none(), "lo"_a, "hi"_a, "max_indices"_a = 10, "name"_a = "x",
@@ -138,7 +173,7 @@ void init_validate(nb::module_& m) {
       [](const mx::array& x, const std::optional<std::vector<int>>& sample_shape, const mx::array& lo,
          const mx::array& hi, const std::string& name) {
         nb::gil_scoped_release nogil;
-        std::lock_guard<std::mutex> serial(core_mutex());
+        CoreLock serial;
         return start_validation(x, sample_shape, lo, hi, name);
       },
       "x"_a, "sample_shape"_a = nb::none(), "lo"_a, "hi"_a, "name"_a = "x",
@@ -147,7 +182,7 @@ void init_validate(nb::module_& m) {
       "finish_validation",
       [](const PendingValidation& pending, int max_indices) {
         nb::gil_scoped_release nogil;
-        std::lock_guard<std::mutex> serial(core_mutex());
+        CoreLock serial;
         return finish_validation(pending, max_indices);
       },
       "pending"_a, "max_indices"_a = 10, "validate_batch's second half: read the queued counts.");
@@ -182,6 +217,9 @@ NB_MODULE(_core, m) {
   m.doc() = "mlx-robust C++ core: compiled attack loop and input validation.";
   m.attr("mlx_version") = MLX_ROBUST_MLX_VERSION;
   init_rewrite(m);
+  main_thread_ident = nb::cast<unsigned long>(
+      nb::module_::import_("threading").attr("main_thread")().attr("ident"));
+  set_interrupt_hook(&python_interrupt_check);
   nb::register_exception_translator(
       [](const std::exception_ptr& p, void*) {
         try {

@@ -40,7 +40,8 @@ enum Slot : int {
   LO,
   HI,
   PERIOD,  // early-abort check every PERIOD steps (int32)
-  KEYS,    // (steps, 2): draw keys of a stochastic model
+  KEYS,    // (k, 2): draw keys of the chunk's k steps of a stochastic model (rows t0 .. t0 + k - 1 of
+           // the round's split(round key, steps)), indexed from the chunk's start
   ROWS,    // (N,): global sample indices (key a stochastic model's per-row draws)
   T0,
   NUM_SLOTS
@@ -87,7 +88,7 @@ std::vector<mx::array> steps_fn(
   }
   for (int j = 0; j < k; ++j) {
     auto t = mx::add(in[T0], mx::array(j, mx::int32));
-    auto draw_key = cfg.stochastic ? mx::take(in[KEYS], t, 0) : mx::zeros({2}, mx::uint32);
+    auto draw_key = cfg.stochastic ? mx::take(in[KEYS], mx::array(j, mx::int32), 0) : mx::zeros({2}, mx::uint32);
     std::optional<mx::array> xa, l2, loss, logits;
     auto objective = [&](const std::vector<mx::array>& ws) -> std::vector<mx::array> {
       xa = to_input_space(ws[0], in[LO], in[HI]);
@@ -175,9 +176,17 @@ AttackOutput CwEngine::run(
   if (cfg.unroll < 0) {
     throw std::invalid_argument("[cw] unroll must be >= 0, got " + std::to_string(cfg.unroll));
   }
+  AttackInputs inputs;
+  inputs.x = &x0_in;
+  inputs.y = &y_in;
+  inputs.num_classes = num_classes;
+  inputs.lo = &lo;
+  inputs.hi = &hi;
+  auto checks = check_attack_inputs("cw", inputs);
 
-  std::lock_guard<std::mutex> serial(core_mutex());
+  CoreLock serial;
   drain_released();
+  checks.verify();  // before any label reaches a gather
   auto x0 = mx::astype(x0_in, mx::float32);
   auto y = mx::astype(y_in, mx::int32);
   auto lo32 = mx::astype(lo, mx::float32);
@@ -216,9 +225,9 @@ AttackOutput CwEngine::run(
                                         mx::array(2.0f)),
                            mx::array(1.0f));
   auto w0 = mx::arctanh(mx::multiply(mx::clip(unit, mx::array(-1.0f), mx::array(1.0f)), mx::array(0.999999f)));
-  auto streams = mx::random::split(key, 2);
-  auto round_keys = cfg.stochastic ? mx::random::split(mx::take(streams, 0, 0), cfg.binary_search_steps)
-                                   : mx::array(0);
+  // Rows of mx::random::split as always, derived on the host (split_key): nothing per step.
+  const HostKey user_key = host_key(key, "cw");
+  const HostKey round_stream = split_key(user_key, 2, 0);
   auto kappa = mx::array(cfg.kappa);
   auto lr = mx::array(cfg.lr);
   auto period = mx::array(std::max(cfg.steps / 10, 1), mx::int32);
@@ -228,7 +237,7 @@ AttackOutput CwEngine::run(
 
   mx::array bl2(0.0f), bx(0.0f), bz(0.0f), found(false);
   try {
-    std::vector<mx::array> clean_in{x0, mx::take(streams, 1, 0), sample_idx};
+    std::vector<mx::array> clean_in{x0, key_array(split_key(user_key, 2, 1)), sample_idx};
     clean_in.insert(clean_in.end(), params.begin(), params.end());
     auto logits0 = clean_fn(clean_in)[0];
     // A sample already misclassified with margin kappa is its own smallest perturbation.
@@ -244,13 +253,19 @@ AttackOutput CwEngine::run(
       if (cfg.binary_search_steps >= 10 && r == cfg.binary_search_steps - 1) {
         c = mx::minimum(upper, mx::array(kNoBound));  // the authors' last-round repeat
       }
-      auto keys = cfg.stochastic ? mx::random::split(mx::take(round_keys, r, 0), cfg.steps)
-                                 : mx::zeros({1, 2}, mx::uint32);
+      const HostKey round_key = cfg.stochastic ? split_key(round_stream, cfg.binary_search_steps, r) : HostKey{0, 0};
+      const auto no_keys = mx::zeros({1, 2}, mx::uint32);
+      auto keys_of = [&](int64_t t, int64_t k) {
+        return cfg.stochastic ? split_rows(round_key, cfg.steps, t, t + k) : no_keys;
+      };
+      auto keys = keys_of(0, 1);
       std::vector<mx::array> state{w0, mx::zeros_like(w0), mx::zeros_like(w0), mx::zeros({n}, mx::bool_),
                                    bl2, bx, bz, found, mx::full({n}, inf), mx::ones({n}, mx::bool_)};
       std::vector<mx::array> fixed{x0, y, c, kappa, lr, lo32, hi32, period, keys, sample_idx};
       int done = 0;
       auto run_chunk = [&](int k) {
+        check_interrupt();
+        fixed[KEYS - X0] = keys_of(done, k);
         std::vector<mx::array> in(state);
         in.insert(in.end(), fixed.begin(), fixed.end());
         in.push_back(mx::array(done, mx::int32));

@@ -43,35 +43,6 @@ mx::Stream noise_stream() {
   return mx::stream_from_thread_local_stream(tls);
 }
 
-// MLX's Threefry-2x32 hash (mlx/backend/cpu/threefry.cpp, MIT licence; libmlx does not export it).
-std::pair<uint32_t, uint32_t> threefry2x32(uint32_t k0, uint32_t k1, uint32_t c0, uint32_t c1) {
-  constexpr uint32_t rotations[2][4] = {{13, 15, 26, 6}, {17, 29, 16, 24}};
-  const uint32_t ks[3] = {k0, k1, k0 ^ k1 ^ 0x1BD11BDA};
-  c0 += ks[0];
-  c1 += ks[1];
-  for (uint32_t i = 0; i < 5; ++i) {
-    for (auto r : rotations[i % 2]) {
-      c0 += c1;
-      c1 = (c1 << r) | (c1 >> (32 - r));
-      c1 ^= c0;
-    }
-    c0 += ks[(i + 1) % 3];
-    c1 += ks[(i + 2) % 3] + i + 1;
-  }
-  return {c0, c1};
-}
-
-// Row c of mx::random::split(key, num) without drawing the other rows: split is RandomBits of
-// shape (num, 2), whose word w < num is the first output of the hash of the counter (w, w + num)
-// and word w >= num the second output of (w - num, w). `num` <= 2**31 - 1, so no counter wraps.
-void split_row(const uint32_t* key, uint32_t num, uint32_t c, uint32_t* out) {
-  for (uint32_t j = 0; j < 2; ++j) {
-    const uint32_t w = 2 * c + j;
-    out[j] = w < num ? threefry2x32(key[0], key[1], w, w + num).first
-                     : threefry2x32(key[0], key[1], w - num, w).second;
-  }
-}
-
 mx::array row(const mx::array& a, int i, mx::StreamOrDevice s = {}) {
   mx::Shape start(a.ndim(), 0);
   mx::Shape stop = a.shape();
@@ -275,9 +246,9 @@ Votes SmoothingEngine::vote_counts(
     return static_cast<int>(std::min<int64_t>(cfg.batch_size, cfg.n - static_cast<int64_t>(c) * cfg.batch_size));
   };
 
-  std::lock_guard<std::mutex> serial(core_mutex());  // the GIL is released by the binding
+  CoreLock serial;  // the GIL is released by the binding
   drain_released();
-  // The keys on the host, to derive each chunk's key in the loop (see split_row).
+  // The keys on the host, to derive each chunk's key in the loop (split_key).
   auto host_keys = mx::contiguous(keys);
   mx::eval(host_keys);
   const uint32_t* key_data = host_keys.data<uint32_t>();
@@ -324,13 +295,17 @@ Votes SmoothingEngine::vote_counts(
       // Votes of each class, then the draws with non-finite logits.
       auto counts = mx::zeros({num_classes + 1}, mx::int32);
       for (int c = 0; c < chunks;) {
+        check_interrupt();
         int g = 1;
         while (g < group && c + g < chunks && rows_of(c + g) == rows_of(c)) {
           ++g;
         }
         g = g == group ? group : 1;  // two graphs per chunk size: full groups and single chunks
         for (int j = 0; j < g; ++j) {
-          split_row(ki, static_cast<uint32_t>(chunks), static_cast<uint32_t>(c + j), &group_keys_host[2 * j]);
+          // Row c + j of mx::random::split(keys[i], chunks), without drawing the other rows.
+          auto kj = split_key({ki[0], ki[1]}, chunks, c + j);
+          group_keys_host[2 * j] = kj.first;
+          group_keys_host[2 * j + 1] = kj.second;
         }
         auto group_keys = mx::array(group_keys_host.data(), {g, 2}, mx::uint32);
         std::vector<mx::array> in{xi, counts, group_keys, sigma};

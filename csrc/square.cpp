@@ -444,9 +444,18 @@ SquareOutput SquareEngine::run(
     throw std::invalid_argument("[square] key must be a PRNG key (shape (2,), uint32)");
   }
   auto sample_idx = sample_rows(rows_in, n, "square");
+  AttackInputs inputs;
+  inputs.x = &x0_in;
+  inputs.y = &y_in;
+  inputs.num_classes = num_classes;
+  inputs.lo = &lo;
+  inputs.hi = &hi;
+  inputs.eps = &eps_in;
+  auto checks = check_attack_inputs("square", inputs);
 
-  std::lock_guard<std::mutex> serial(core_mutex());
+  CoreLock serial;
   drain_released();
+  checks.verify();  // before any label reaches a gather
   auto x0 = mx::astype(x0_in, mx::float32);
   auto y = mx::astype(y_in, mx::int32);
   auto eps = mx::astype(eps_in, mx::float32);
@@ -455,7 +464,10 @@ SquareOutput SquareEngine::run(
   auto ids = sample_ids(x0);
 
   const int iters = cfg.n_queries - 1;
-  auto keys = mx::random::split(key, iters + 1);  // row 0: initialisation; row 1 + i: iteration i
+  // Rows of split(key, iters + 1), row 0: initialisation; row 1 + i: iteration i. Derived on the
+  // host per chunk (split_key, bit-identical), so nothing is allocated per query.
+  const HostKey user_key = host_key(key, "square");
+  const int64_t n_keys = static_cast<int64_t>(iters) + 1;
 
   // Per-level window sizes and (L2) the pattern table; per-iteration schedule on the host.
   std::vector<int> size_of_level(kLevels);
@@ -504,7 +516,7 @@ SquareOutput SquareEngine::run(
 
   std::vector<mx::array> full;
   try {
-    std::vector<mx::array> init_in{x0, y, eps, lo32, hi32, ids, mx::take(keys, 0, 0), sample_idx};
+    std::vector<mx::array> init_in{x0, y, eps, lo32, hi32, ids, key_array(split_key(user_key, n_keys, 0)), sample_idx};
     init_in.insert(init_in.end(), params.begin(), params.end());
     full = init(init_in);
 
@@ -520,12 +532,16 @@ SquareOutput SquareEngine::run(
     }
     const int k = std::min(unroll, std::max(iters, 1));
     auto step = make_step(k);
-    // Iteration keys padded to whole chunks (padding rows belong to invalid iterations).
-    const int padded = (iters + k - 1) / k * k;
-    auto iter_keys = mx::slice(keys, {1, 0}, {iters + 1, 2});
-    if (padded > iters) {
-      iter_keys = mx::concatenate({iter_keys, mx::zeros({padded - iters, 2}, mx::uint32)}, 0);
-    }
+    // Keys of iterations [t, t + k), zeros past the last (padding rows of invalid iterations).
+    auto iter_keys_of = [&](int64_t t) {
+      std::vector<uint32_t> words(static_cast<size_t>(k) * 2, 0u);
+      for (int j = 0; j < k && t + j < iters; ++j) {
+        auto kj = split_key(user_key, n_keys, t + j + 1);
+        words[2 * j] = kj.first;
+        words[2 * j + 1] = kj.second;
+      }
+      return mx::array(words.begin(), {k, 2}, mx::uint32);
+    };
 
     // Working batch: the samples still being attacked (positions 0 .. active.size() - 1), padded
     // with copies of the first to a power of two so a shrinking batch retraces at most log2(N) times.
@@ -608,18 +624,18 @@ SquareOutput SquareEngine::run(
       }
     }
     std::vector<int32_t> info(static_cast<size_t>(k) * 3);
-    for (int t = 0; !finished && t < iters; t += k) {
+    for (int64_t t = 0; !finished && t < iters; t += k) {
+      check_interrupt();
       for (int j = 0; j < k; ++j) {
-        int i = t + j;
-        int level = i < iters ? square_level(i, cfg.n_queries) : 0;
+        int64_t i = t + j;
+        int level = i < iters ? square_level(static_cast<int>(i), cfg.n_queries) : 0;
         info[3 * j] = level;
         info[3 * j + 1] = size_of_level[level];
         info[3 * j + 2] = i < iters ? 1 : 0;
       }
       std::vector<mx::array> in{
           state[BX], state[BL], state[BS], state[BZ], state[BQ], fixed[0], fixed[1], fixed[2], lo32, hi32,
-          fixed[3], mx::slice(iter_keys, {t, 0}, {t + k, 2}), mx::array(info.data(), {k, 3}, mx::int32), table,
-          fixed[4]};
+          fixed[3], iter_keys_of(t), mx::array(info.data(), {k, 3}, mx::int32), table, fixed[4]};
       in.insert(in.end(), params.begin(), params.end());
       auto prev_success = state[BS];
       state = step(in);

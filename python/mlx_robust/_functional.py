@@ -401,7 +401,7 @@ class ModelFunction:
         forward = self._forward(training=training)
         try:
             return engine.run(forward, params, *args, stochastic=self.stochastic, **kwargs)
-        except Exception:
+        except BaseException:  # an interrupt too: the next call traces afresh
             engine.clear()
             raise
 

@@ -203,7 +203,15 @@ std::vector<int> chunk_rows(int64_t n, int batch_size) {
   if (n < 1 || batch_size < 1) {
     throw std::invalid_argument("[certify] n and batch_size must be >= 1");
   }
+  // A list of every chunk (the engine itself never builds one): bounded, so that one integer
+  // cannot ask for gigabytes.
+  const int64_t chunks = (n + batch_size - 1) / batch_size;
+  if (chunks > (int64_t{1} << 24)) {
+    throw std::invalid_argument("[certify] chunk_rows lists at most 2**24 chunks, got n=" + std::to_string(n) +
+                                " in chunks of " + std::to_string(batch_size));
+  }
   std::vector<int> rows;
+  rows.reserve(static_cast<size_t>(chunks));
   for (int64_t done = 0; done < n; done += batch_size) {
     rows.push_back(static_cast<int>(std::min<int64_t>(batch_size, n - done)));
   }

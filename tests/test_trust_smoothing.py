@@ -261,3 +261,23 @@ def test_huge_n_memory_stays_bounded():
     grown = [int(line.split()[1]) for line in proc.stdout.splitlines() if line.startswith("GROWN_KB")]
     assert grown, out
     assert grown[0] < 100 * 1024, f"peak RSS grew by {grown[0] / 1024:.0f} MiB in 2 s of certify(n=2**31-1)"
+
+
+def test_engine_equals_the_reference_on_a_model_with_nonfinite_draws():
+    # The plain-MLX oracle follows the same rule (a non-finite draw votes for no class), so the
+    # engine's counts equal it exactly, and the missing votes are the non-finite draws.
+    model = NaNWhenLow()
+    x = mx.full((3, 4), 0.5)
+    keys = mx.random.split(mr.key(3), 3)
+    fn = _functional.SmoothedFunction(model)
+    counts, nonfinite = fn.vote_counts(x, keys, n=300, sigma=SIGMA, batch_size=64, num_classes=3, with_nonfinite=True)
+    want = vote_counts_reference(model, x, keys, n=300, sigma=SIGMA, batch_size=64, num_classes=3)
+    assert np.array_equal(np.array(counts), np.array(want))
+    assert np.array_equal(np.array(counts).sum(axis=1) + np.array(nonfinite), [300, 300, 300])
+    assert np.array(nonfinite).min() > 0
+
+
+def test_chunk_rows_refuses_to_list_billions_of_chunks():
+    with pytest.raises(ValueError, match="at most 2\\*\\*24 chunks"):
+        _functional.chunk_rows(2**31 - 1, 1)
+    assert _functional.chunk_rows(450, 200) == [200, 200, 50]

@@ -198,7 +198,8 @@ def vote_counts_reference(
     """Reference of ``SmoothingEngine.vote_counts``: (N, C) int32 votes of ``forward`` under noise.
 
     Input i draws ``n`` copies in chunks of ``batch_size`` rows (the last one holds the rest);
-    chunk c uses key ``split(keys[i], chunks)[c]`` and noise ``normal(scale=sigma)`` (no clipping).
+    chunk c uses key ``split(keys[i], chunks)[c]`` and noise ``normal(scale=sigma)`` (no clipping);
+    a draw whose logits are not all finite votes for no class.
     """
     rows = [min(batch_size, n - s) for s in range(0, n, batch_size)]
     classes = mx.arange(num_classes)[None, :]
@@ -208,7 +209,9 @@ def vote_counts_reference(
         counts = mx.zeros((num_classes,), mx.int32)
         for c, m in enumerate(rows):
             noise = mx.random.normal((m, *x.shape[1:]), scale=sigma, key=chunk_keys[c])
-            pred = mx.argmax(forward((x[i : i + 1] + noise).astype(x.dtype)), axis=-1)
+            logits = forward((x[i : i + 1] + noise).astype(x.dtype))
+            # A draw with a NaN or an infinity in its logits votes for no class.
+            pred = mx.where(mx.all(mx.isfinite(logits), axis=-1), mx.argmax(logits, axis=-1).astype(mx.int32), -1)
             counts = counts + mx.sum(pred[:, None] == classes, axis=0).astype(mx.int32)
             mx.eval(counts)
         out.append(counts)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
@@ -81,3 +83,20 @@ def assert_unchanged(model: nn.Module, snap) -> None:
         assert id(now[k]) == ident, f"parameter {k} was replaced"
         assert mx.array_equal(now[k], value), f"parameter {k} changed"
     assert [(n, m.training) for n, m in model.named_modules()] == modes
+
+
+def mlx_thread(target, *args, daemon: bool = True) -> threading.Thread:
+    """A thread running ``target(*args)`` that destroys its MLX streams when it ends.
+
+    MLX 0.32 requires ``mx.clear_streams()`` at the end of every thread that used it: without it
+    the process aborts at exit ("terminate called without an active exception"), which would fail
+    the suite's exit status although every test passed.
+    """
+
+    def run():
+        try:
+            target(*args)
+        finally:
+            mx.clear_streams()
+
+    return threading.Thread(target=run, daemon=daemon)

@@ -16,7 +16,9 @@ def test_fuzz_short_profile(tmp_path):
     assert proc.returncode == 0, f"fuzz exited with {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     summary = json.loads(report.read_text())
     assert set(summary) >= {"validate", "attack", "core_engine", "core_helpers", "loaders", "evaluate",
-                            "suite_attacks", "smoothing", "stats", "training"}
+                            "suite_attacks", "smoothing", "stats", "training", "core_apgd", "core_cw",
+                            "core_square", "core_smoothing", "loss_helpers", "stochastic", "reentrancy",
+                            "threads", "signals", "mutable_state", "oversized_files"}
     for name, entry in summary.items():
         assert entry["status"] == "ok", (name, entry)
         # Both sides of the contract were exercised: valid results and clear errors.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import threading
 import weakref
 
 import mlx.core as mx
@@ -11,6 +10,7 @@ import numpy as np
 
 import mlx_robust as mr
 from mlx_robust.training import fit
+from conftest import mlx_thread
 
 
 def _robust(model):
@@ -66,7 +66,7 @@ def test_two_threads_attack_two_models(digits):
         except Exception as exc:  # reported below, with the thread's exception
             errors.append(exc)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    threads = [mlx_thread(work, i, daemon=False) for i in range(2)]
     for t in threads:
         t.start()
     for t in threads:

@@ -15,6 +15,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from conftest import mlx_thread
 from mlx_robust import _core
 
 
@@ -272,7 +273,6 @@ def test_reentrant_calls_from_the_forward_raise_instead_of_deadlocking():
 
 def test_other_threads_still_wait_for_the_core(mlp):
     # A second thread's call is not re-entrant: it waits for the lock and succeeds.
-    import threading
 
     import mlx_robust as mr
 
@@ -290,7 +290,7 @@ def test_other_threads_still_wait_for_the_core(mlp):
         except Exception as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=work) for _ in range(2)]
+    threads = [mlx_thread(work, daemon=False) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:

@@ -14,6 +14,7 @@ import pytest
 
 import mlx_robust as mr
 from mlx_robust import _functional
+from conftest import mlx_thread
 
 
 class Net(nn.Module):
@@ -240,7 +241,7 @@ def test_serving_thread_while_attacking_the_same_model(mlp, digits):
                 outcome["failures"].append(repr(exc))
             outcome["calls"] += 1
 
-    server = threading.Thread(target=serve, daemon=True)
+    server = mlx_thread(serve)
     server.start()
     try:
         for i in range(3):
@@ -275,3 +276,27 @@ def test_model_copy_shares_arrays_and_keeps_shared_modules_shared(mlp):
     assert float(replaced.extra["w"].sum()) == 0.0 and float(net.extra["w"].sum()) == 3.0
     with pytest.raises(ValueError, match="arrays must match"):
         _functional.model_copy(net, arrays[:-1])
+
+
+def test_a_fresh_model_built_in_one_thread_is_attacked_in_another():
+    # MLX evaluates a lazy array only in the thread whose stream built it: RobustModel materialises
+    # the model's arrays when it wraps it, so a server thread can attack a freshly initialised model.
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))  # lazy initial weights
+    robust = mr.RobustModel(model, input_shape=(4,), num_classes=3)
+    x = mx.array(np.random.default_rng(0).uniform(0, 1, (5, 4)).astype(np.float32))
+    out: dict = {}
+
+    def work():
+        try:
+            out["res"] = robust.attack(x, None, mr.PGD(eps=0.1, steps=2), key=mr.key(0))
+            out["pred"] = robust.predict(x)
+            mx.eval(out["res"].x_adv, out["pred"])
+        except Exception as exc:  # noqa: BLE001 - reported below
+            out["exc"] = exc
+
+    t = mlx_thread(work)
+    t.start()
+    t.join(timeout=60)
+    assert "exc" not in out, out.get("exc")
+    want = robust.attack(x, None, mr.PGD(eps=0.1, steps=2), key=mr.key(0))
+    assert np.array_equal(np.array(out["res"].x_adv), np.array(want.x_adv))

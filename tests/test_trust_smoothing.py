@@ -3,12 +3,9 @@ works, and memory does not grow with n."""
 
 from __future__ import annotations
 
-import math
-import os
 import subprocess
 import sys
 import textwrap
-import threading
 import warnings
 from contextlib import contextmanager
 from typing import Iterator
@@ -22,6 +19,7 @@ import mlx_robust as mr
 from mlx_robust import _functional
 from mlx_robust.reference import vote_counts_reference
 from mlx_robust.smoothing import _split_each, sample_keys
+from conftest import mlx_thread
 
 SIGMA = 0.25
 
@@ -199,7 +197,7 @@ def _thread_results(robust: mr.RobustModel, x: mx.array, workers: int) -> list:
         except Exception as exc:  # noqa: BLE001 - reported by the assertion below
             out[i] = exc
 
-    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(workers)]
+    threads = [mlx_thread(work, i) for i in range(workers)]
     for t in threads:
         t.start()
     for t in threads:

@@ -91,6 +91,9 @@ class RobustModel:
             raise ValueError("pass either noise= (a random input defence) or smoothing= (randomized smoothing), not both")
         self.noise = noise
         self.smoothing = smoothing
+        # Materialise the model's arrays here: MLX evaluates a lazy array only in the thread whose
+        # stream built it, and this lets any thread attack, predict or certify a freshly built model.
+        mx.eval(_functional.model_arrays(model)[0])
         self._smooth_fn = _functional.SmoothedFunction(model)
         self._fn = _functional.ModelFunction(model, transform=None if noise is None else noise.apply)
         self.bounds = (lo, hi)

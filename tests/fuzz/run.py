@@ -666,7 +666,7 @@ def fuzz_signals(data):
     x = mx.array(np.random.default_rng(data.draw(st.integers(0, 2**16))).uniform(0, 1, (8, 4)).astype(np.float32))
     before = [np.array(p) for _, p in tree_flatten(model.parameters())]
     attack = data.draw(st.sampled_from([mr.PGD(eps=0.1, steps=200_000, early_stop=False),
-                                        mr.APGD(eps=0.1, steps=200_000)]))
+                                        mr.APGD(eps=0.1, steps=200_000, early_stop=False)]))
 
     def handler(signum, frame):
         raise _Interrupt("interrupted")

@@ -366,13 +366,7 @@ AttackOutput ApgdEngine::run(
   if (cfg.unroll < 0) {
     throw std::invalid_argument("[apgd] unroll must be >= 0, got " + std::to_string(cfg.unroll));
   }
-  AttackInputs inputs;
-  inputs.x = &x0_in;
-  inputs.y = &y_in;
-  inputs.num_classes = num_classes;
-  inputs.lo = &lo;
-  inputs.hi = &hi;
-  inputs.eps = &eps_in;
+  AttackInputs inputs(x0_in, y_in, num_classes, lo, hi, &eps_in);
   if (cfg.targeted) {
     inputs.target = &*target_in;
   }

@@ -772,13 +772,7 @@ AttackOutput AttackEngine::run(
     throw std::invalid_argument("[attack] unroll must be >= 0");
   }
   auto sample_idx = sample_rows(rows_in, n, "attack");
-  AttackInputs inputs;
-  inputs.x = &x0_in;
-  inputs.y = &y_in;
-  inputs.num_classes = num_classes;
-  inputs.lo = &lo;
-  inputs.hi = &hi;
-  inputs.eps = &eps_in;
+  AttackInputs inputs(x0_in, y_in, num_classes, lo, hi, &eps_in);
   inputs.step_size = &step_size_in;
   if (cfg.loss == LossKind::KL) {
     inputs.probs = &*probs_in;

@@ -245,6 +245,10 @@ void check_labels(const mx::array& y, int num_classes, const char* where = "atta
  * are not checked; `target` and `probs` only where the engine uses them.
  */
 struct AttackInputs {
+  AttackInputs(const mx::array& x_, const mx::array& y_, int num_classes_, const mx::array& lo_,
+               const mx::array& hi_, const mx::array* eps_ = nullptr)
+      : x(&x_), y(&y_), num_classes(num_classes_), lo(&lo_), hi(&hi_), eps(eps_) {}
+
   const mx::array* x = nullptr;          // floating, rank >= 2, N >= 1
   const mx::array* y = nullptr;          // (N,) integer labels in [0, num_classes)
   int num_classes = 0;                   // >= 2

@@ -176,12 +176,7 @@ AttackOutput CwEngine::run(
   if (cfg.unroll < 0) {
     throw std::invalid_argument("[cw] unroll must be >= 0, got " + std::to_string(cfg.unroll));
   }
-  AttackInputs inputs;
-  inputs.x = &x0_in;
-  inputs.y = &y_in;
-  inputs.num_classes = num_classes;
-  inputs.lo = &lo;
-  inputs.hi = &hi;
+  AttackInputs inputs(x0_in, y_in, num_classes, lo, hi);
   auto checks = check_attack_inputs("cw", inputs);
 
   CoreLock serial;

@@ -444,13 +444,7 @@ SquareOutput SquareEngine::run(
     throw std::invalid_argument("[square] key must be a PRNG key (shape (2,), uint32)");
   }
   auto sample_idx = sample_rows(rows_in, n, "square");
-  AttackInputs inputs;
-  inputs.x = &x0_in;
-  inputs.y = &y_in;
-  inputs.num_classes = num_classes;
-  inputs.lo = &lo;
-  inputs.hi = &hi;
-  inputs.eps = &eps_in;
+  AttackInputs inputs(x0_in, y_in, num_classes, lo, hi, &eps_in);
   auto checks = check_attack_inputs("square", inputs);
 
   CoreLock serial;

@@ -10,6 +10,7 @@ import mlx.nn as nn
 import numpy as np
 
 from mlx_robust import _functional
+from mlx_robust._checks import is_int
 from mlx_robust.attacks import PGD, Attack, AttackResult
 from mlx_robust.defences import GaussianNoise
 from mlx_robust.smoothing import Certification, Smoothing
@@ -277,7 +278,7 @@ class RobustModel:
             key = _fresh_key()
         else:
             _check_key(key)
-        if batch_size is not None and (not _is_int(batch_size) or batch_size < 1):
+        if batch_size is not None and (not is_int(batch_size) or batch_size < 1):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         step = n if batch_size is None else batch_size
         starts = range(0, n, step)
@@ -424,10 +425,6 @@ def _check_finite_logits(logits: mx.array) -> None:
             f"the model returned NaN/Inf logits for {bad.size} sample(s); first offending samples: "
             f"{bad[:10].tolist()}"
         )
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
 def _per_sample_fields(attack: Attack) -> dict[str, np.ndarray]:

@@ -36,7 +36,7 @@ import numpy as np
 
 from mlx_robust import _functional
 from mlx_robust._files import write_replacing, write_text
-from mlx_robust.attacks.base import finite32, float32_note
+from mlx_robust._checks import finite32, float32_note
 
 if TYPE_CHECKING:  # pragma: no cover
     from mlx_robust.model import RobustModel

@@ -23,6 +23,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from mlx_robust._checks import is_int
 from mlx_robust._files import remove_stale_temps, write_replacing
 from mlx_robust.adversarial import METHODS, AdversarialValueAndGrad, adversarial_value_and_grad
 from mlx_robust.attacks import PGD
@@ -111,10 +112,6 @@ def robust_accuracy(robust: RobustModel, x: mx.array, y: mx.array, attack: PGD, 
 
 def _derived_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
 def _save_checkpoint(path: Path, model: nn.Module, optimizer: optim.Optimizer, history: TrainHistory,
@@ -267,9 +264,9 @@ def train(
     if not isinstance(method, str) or method not in TRAIN_METHODS:
         raise ValueError(f"method must be one of {TRAIN_METHODS}, got {method!r}")
     for name, value, low in (("epochs", epochs, 0), ("batch_size", batch_size, 1), ("seed", seed, 0)):
-        if not _is_int(value) or value < low:
+        if not is_int(value) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    if eval_samples is not None and (not _is_int(eval_samples) or eval_samples < 1):
+    if eval_samples is not None and (not is_int(eval_samples) or eval_samples < 1):
         raise ValueError(f"eval_samples must be a positive integer, got {eval_samples!r}")
     if optimizer is not None and not isinstance(optimizer, optim.Optimizer):
         raise TypeError(f"optimizer must be an mlx.optimizers.Optimizer, got {type(optimizer).__name__}")

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Optional
 import mlx.core as mx
 
 from mlx_robust import _functional
-from mlx_robust.attacks.base import NORMS, Attack, AttackResult, EpsLike, check_positive, is_int, per_sample
+from mlx_robust._checks import EpsLike, check_choice, check_fraction, check_int, per_sample
+from mlx_robust.attacks.base import Attack, AttackResult
 
 if TYPE_CHECKING:  # pragma: no cover
     from mlx_robust.model import RobustModel
@@ -72,25 +73,9 @@ class APGD(Attack):
 
     per_sample_fields = ("eps",)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "eps", check_positive(self.eps, "eps", allow_zero=True))
-        if not is_int(self.steps) or self.steps < 1:
-            raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
-        if not is_int(self.restarts) or self.restarts < 1:
-            raise ValueError(f"restarts must be an integer >= 1, got {self.restarts!r}")
-        if self.norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
-        if self.loss not in APGD_LOSSES:
-            raise ValueError(f"loss must be one of {APGD_LOSSES}, got {self.loss!r}")
-        if isinstance(self.rho, bool) or not isinstance(self.rho, (int, float)) or not (0 < self.rho <= 1):
-            raise ValueError(f"rho must be a number in (0, 1], got {self.rho!r}")
-        if self.unroll is not None and (not is_int(self.unroll) or self.unroll < 1):
-            raise ValueError(f"unroll must be None or an integer >= 1, got {self.unroll!r}")
-        if self.eot_samples is not None and (not is_int(self.eot_samples) or self.eot_samples < 1):
-            raise ValueError(f"eot_samples must be None or an integer >= 1, got {self.eot_samples!r}")
-        object.__setattr__(self, "steps", int(self.steps))
-        object.__setattr__(self, "restarts", int(self.restarts))
-        object.__setattr__(self, "rho", float(self.rho))
+    def _check_settings(self) -> None:
+        check_choice(self.loss, "loss", APGD_LOSSES)
+        object.__setattr__(self, "rho", check_fraction(self.rho, "rho"))
 
     @property
     def name(self) -> str:
@@ -187,11 +172,9 @@ class APGDT(APGD):
     loss: str = "dlr"
     n_target_classes: int = 9
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not is_int(self.n_target_classes) or self.n_target_classes < 1:
-            raise ValueError(f"n_target_classes must be an integer >= 1, got {self.n_target_classes!r}")
-        object.__setattr__(self, "n_target_classes", int(self.n_target_classes))
+    def _check_settings(self) -> None:
+        super()._check_settings()
+        object.__setattr__(self, "n_target_classes", check_int(self.n_target_classes, "n_target_classes"))
 
     @property
     def name(self) -> str:

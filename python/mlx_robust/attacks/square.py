@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Optional
 import mlx.core as mx
 
 from mlx_robust import _functional
-from mlx_robust.attacks.base import NORMS, Attack, AttackResult, EpsLike, check_positive, is_int, per_sample
+from mlx_robust._checks import EpsLike, check_choice, check_flag, check_fraction, check_int, per_sample
+from mlx_robust.attacks.base import Attack, AttackResult
 
 if TYPE_CHECKING:  # pragma: no cover
     from mlx_robust.model import RobustModel
@@ -91,26 +92,11 @@ class Square(Attack):
 
     per_sample_fields = ("eps",)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "eps", check_positive(self.eps, "eps", allow_zero=True))
-        if not is_int(self.n_queries) or self.n_queries < 1:
-            raise ValueError(f"n_queries must be an integer >= 1, got {self.n_queries!r}")
-        if self.norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
-        if (
-            isinstance(self.p_init, bool)
-            or not isinstance(self.p_init, (int, float))
-            or not 0.0 < float(self.p_init) <= 1.0
-        ):
-            raise ValueError(f"p_init must be a number in (0, 1], got {self.p_init!r}")
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
-        if not isinstance(self.early_stop, bool):
-            raise ValueError(f"early_stop must be True or False, got {self.early_stop!r}")
-        if self.unroll is not None and (not is_int(self.unroll) or self.unroll < 1):
-            raise ValueError(f"unroll must be None or an integer >= 1, got {self.unroll!r}")
-        object.__setattr__(self, "n_queries", int(self.n_queries))
-        object.__setattr__(self, "p_init", float(self.p_init))
+    def _check_settings(self) -> None:
+        object.__setattr__(self, "n_queries", check_int(self.n_queries, "n_queries"))
+        object.__setattr__(self, "p_init", check_fraction(self.p_init, "p_init"))
+        check_choice(self.loss, "loss", LOSSES)
+        check_flag(self.early_stop, "early_stop")
 
     @property
     def name(self) -> str:

@@ -15,7 +15,8 @@ from mlx.utils import tree_flatten
 
 import mlx_robust as mr
 from mlx_robust.adversarial import METHODS, kl_divergence
-from mlx_robust.trainer import adversarial_training_demo, clean_accuracy, robust_accuracy
+from mlx_robust.cli import adversarial_training_demo
+from mlx_robust.trainer import clean_accuracy, robust_accuracy
 
 ATTACK = mr.PGD(eps=0.1, steps=3)
 PARAMS = {"trades": {"beta": 6.0}, "mart": {"beta": 6.0}, "mix": {"clean_weight": 0.5},

@@ -35,7 +35,8 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_robust import _functional
-from mlx_robust._files import write_replacing, write_text
+from mlx_robust._compat import moved
+from mlx_robust._files import write_replacing
 from mlx_robust._checks import finite32, float32_note
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -48,10 +49,9 @@ __all__ = [
     "binomial_test_pvalue",
     "certified_accuracy",
     "certified_accuracy_table",
-    "certified_demo_line",
-    "certify_command",
     "certify",
     "clopper_pearson_lower",
+    "distributed_group",
     "normal_ppf",
     "plot_certified_accuracy",
     "sample_keys",
@@ -601,7 +601,9 @@ def plot_certified_accuracy(
     return path
 
 
-def _distributed_group(group: Any) -> Any:
+def distributed_group(group: Any = None) -> Any:
+    """``group`` if given, else the ``mx.distributed`` group of an ``mlx.launch`` run of more than
+    one process, else None (a single process)."""
     if group is not None:
         return group
     if not mx.distributed.is_available():
@@ -656,7 +658,7 @@ def certified_accuracy(
     num = x.shape[0]
     num_classes = _ensure_num_classes(robust, x)
     labels = as_labels(y, num, num_classes, "y")
-    group = _distributed_group(group)
+    group = distributed_group(group)
     if group is not None and key is None:
         raise ValueError("key is required when certifying across processes (every rank must use the same keys)")
     keys = sample_keys(key, num)
@@ -688,87 +690,9 @@ def certified_accuracy(
     )
 
 
-def certified_demo_line(
-    model: Any,
-    x_test: mx.array,
-    y_test: mx.array,
-    *,
-    sigma: float = 0.25,
-    n0: int = 50,
-    n: int = 500,
-    alpha: float = 0.001,
-    radii: Sequence[float] = (0.0, 0.25, 0.5),
-    limit: Optional[int] = 100,
-    seed: int = 0,
-    plot: Optional[str] = None,
-) -> str:
-    """One line for ``mlx-robust demo``: certified L2 accuracy of the smoothed model on a test set.
-
-    ``plot``: also write the certified-accuracy-vs-radius plot there (needs matplotlib).
-
-    Randomized smoothing (Cohen et al. 2019, https://arxiv.org/abs/1902.02918) of ``model`` at
-    ``sigma``, CERTIFY with ``n0``/``n`` samples at level ``alpha`` on the first ``limit`` test
-    inputs (None: all), inputs in [0, 1]. The defaults take a few seconds for the demo's small CNN
-    on a laptop CPU; the model is not trained with noise, which smoothing would prefer.
-    """
-    from mlx_robust.model import RobustModel
-
-    if limit is not None:
-        x_test, y_test = x_test[:limit], y_test[:limit]
-    robust = RobustModel(model, bounds=(0.0, 1.0), input_shape=tuple(x_test.shape[1:]),
-                         smoothing=Smoothing(sigma=sigma, n=n, n0=n0, alpha=alpha, batch_size=min(n, 1000)))
-    report = certified_accuracy(robust, x_test, y_test, radii, key=mx.random.key(seed), progress=False)
-    if plot is not None:
-        report.plot(plot)
-    accs = ", ".join(f"{a:.1%} at r={r:g}" for r, a in zip(report.radii, report.accuracy))
-    count = len(np.array(report.labels))
-    which = f"first {count} test images" if limit is not None else f"{count} test images"
-    return (
-        f"randomized smoothing (sigma={sigma:g}, n={n}, alpha={alpha:g}): certified L2 accuracy {accs} "
-        f"({which}, {report.seconds:.1f} s)"
-    )
+# Deprecated: moved to the CLI package (the demo and the command are not library code).
+_MOVED = {"certified_demo_line": "mlx_robust.cli", "certify_command": "mlx_robust.cli"}
 
 
-def certify_command(args: Any) -> int:
-    """``mlx-robust certify``: certified accuracy table (and plot) of a user's model and data.
-
-    Loads ``--model module:factory`` with ``--weights``, the ``--data`` .npz (arrays x, y), and
-    runs :func:`certified_accuracy` at every ``--sigma``; under ``mlx.launch`` the inputs are
-    sharded across the processes and rank 0 prints.
-    """
-    import os
-
-    import mlx_robust as mr
-    from mlx_robust.cli import load_model
-
-    model = load_model(args.model, args.weights)
-    x, y = mr.datasets.load_npz(args.data)
-    if args.limit:
-        x, y = x[: args.limit], y[: args.limit]
-    group = _distributed_group(None)
-    rank0 = group is None or group.rank() == 0
-    reports = []
-    for sigma in args.sigma:
-        robust = mr.RobustModel(
-            model, bounds=tuple(args.bounds), input_shape=tuple(x.shape[1:]),
-            smoothing=Smoothing(sigma=sigma, n=args.n, n0=args.n0, alpha=args.alpha, batch_size=args.batch_size),
-        )
-        reports.append(certified_accuracy(robust, x, y, args.radii, key=mr.key(args.seed), group=group,
-                                          progress=None if rank0 else False))
-    if not rank0:
-        return 0
-    first = reports[0]
-    text = (
-        f"Certified L2 accuracy under randomized smoothing (Cohen et al. 2019): {x.shape[0]} inputs, "
-        f"n0={first.n0}, n={first.n}, alpha={first.alpha:g}\n\n{certified_accuracy_table(reports)}"
-    )
-    print(text)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        write_text(os.path.join(args.out, "certified_accuracy.md"), text + "\n")
-        try:
-            plot_certified_accuracy(reports, os.path.join(args.out, "certified_accuracy.png"))
-            print(f"wrote {args.out}/certified_accuracy.md and certified_accuracy.png")
-        except ImportError as exc:
-            print(f"wrote {args.out}/certified_accuracy.md ({exc})")
-    return 0
+def __getattr__(name: str) -> Any:
+    return moved(__name__, name, _MOVED)

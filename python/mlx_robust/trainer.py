@@ -24,13 +24,14 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_robust._checks import is_int
+from mlx_robust._compat import moved
 from mlx_robust._files import remove_stale_temps, write_replacing
 from mlx_robust.adversarial import METHODS, AdversarialValueAndGrad, adversarial_value_and_grad
 from mlx_robust.attacks import PGD
 from mlx_robust.model import RobustModel
 from mlx_robust.validation import as_labels, check_bounds
 
-__all__ = ["EpochLog", "TrainHistory", "train", "robust_accuracy", "clean_accuracy", "adversarial_training_demo"]
+__all__ = ["EpochLog", "TrainHistory", "train", "robust_accuracy", "clean_accuracy"]
 
 TRAIN_METHODS = ("standard",) + METHODS
 _FORMAT = "mlx-robust-train/1"
@@ -419,68 +420,9 @@ def _epoch_line(log: EpochLog, epochs: int, attack_name: Optional[str]) -> str:
     return line
 
 
-def adversarial_training_demo(
-    x_train: mx.array,
-    y_train: mx.array,
-    x_test: mx.array,
-    y_test: mx.array,
-    *,
-    eps: float,
-    steps: int,
-    epochs: int,
-    seed: int,
-    train_steps: int = 7,
-    methods: tuple[str, ...] = ("standard", "pgd-at"),
-    learning_rate: float = 3e-3,
-    progress: bool = False,
-) -> str:
-    """Train the demo's SmallCNN with standard training and with PGD-AT (Madry et al. 2018), then
-    report clean and PGD-``steps`` robust accuracy of each at L-inf ``eps``.
-
-    Every model starts from the same initialisation (``seed``) and trains ``epochs`` epochs with
-    Adam and a cosine learning-rate decay; PGD-AT uses ``train_steps`` PGD steps at ``eps``.
-
-    Returns:
-        The lines to print (a Markdown table), joined with newlines.
-    """
-    image_size, channels = int(x_train.shape[1]), int(x_train.shape[-1])
-    n_batches = x_train.shape[0] // 64
-    attack = PGD(eps=eps, steps=train_steps)
-    evaluation = PGD(eps=eps, steps=steps)
-    rows = []
-    for method in methods:
-        mx.random.seed(seed)
-        model = _demo_model(image_size, channels)
-        t0 = time.perf_counter()
-        hist = train(
-            model, x_train, y_train, epochs=epochs, batch_size=64, method=method,
-            attack=None if method in ("standard", "noise") else attack,
-            sigma=eps if method == "noise" else None,
-            learning_rate=optim.cosine_decay(learning_rate, max(1, epochs * n_batches)),
-            x_test=None, seed=seed, progress=progress,
-        )
-        seconds = time.perf_counter() - t0
-        robust = RobustModel(model, bounds=(0.0, 1.0), input_shape=tuple(x_train.shape[1:]))
-        rows.append((method, clean_accuracy(robust, x_test, y_test),
-                     robust_accuracy(robust, x_test, y_test, evaluation, seed=seed), seconds, len(hist)))
-    lines = [
-        f"Adversarial training on {x_train.shape[0]} images ({image_size}x{image_size}x{channels}), "
-        f"{epochs} epochs each; PGD-AT with PGD-{train_steps} at L-inf eps={eps:g}",
-        f"| training | clean accuracy | PGD-{steps} robust accuracy (eps={eps:g}) | training time |",
-        "|---|---|---|---|",
-    ]
-    for method, clean, rob, seconds, _ in rows:
-        lines.append(f"| {_METHOD_NAMES.get(method, method)} | {clean:.1%} | {rob:.1%} | {seconds:.1f} s |")
-    return "\n".join(lines)
+# Deprecated: moved to the CLI package (the demo and the command are not library code).
+_MOVED = {"adversarial_training_demo": "mlx_robust.cli"}
 
 
-_METHOD_NAMES = {"standard": "standard", "pgd-at": "PGD-AT", "trades": "TRADES", "mart": "MART",
-                 "fgsm-rs": "FGSM-RS", "free": "Free-AT", "noise": "Gaussian noise", "mix": "clean+adv mix"}
-
-
-def _demo_model(image_size: int, channels: int) -> nn.Module:
-    from mlx_robust.models import SmallCNN
-
-    model = SmallCNN(in_channels=channels, image_size=image_size, channels=(16, 32))
-    mx.eval(model.parameters())
-    return model
+def __getattr__(name: str) -> Any:
+    return moved(__name__, name, _MOVED)

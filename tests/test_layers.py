@@ -57,34 +57,15 @@ ROBUST_MODEL_PRIVATES = {
 # (importer, imported) pairs that break a layer rule.
 LAYER_EXCEPTIONS = {
     ("mlx_robust.graph", "mlx_robust._core"),  # only the engine bridge imports _core
-    ("mlx_robust.model", "mlx_robust.adversarial"),  # RobustModel.adversarial_value_and_grad
 }
 # module -> number of mlx_robust imports inside its functions.
-FUNCTION_IMPORT_EXCEPTIONS = {
-    "mlx_robust.evaluate": 2,
-    "mlx_robust.model": 3,
-    "mlx_robust.smoothing": 1,
-    "mlx_robust.training": 1,
-}
+FUNCTION_IMPORT_EXCEPTIONS: dict[str, int] = {}
 # module -> number of reads of RobustModel's private attributes.
-PRIVATE_READ_EXCEPTIONS = {
-    "mlx_robust.adversarial": 2,
-    "mlx_robust.attacks.apgd": 2,
-    "mlx_robust.attacks.cw": 1,
-    "mlx_robust.attacks.pgd": 1,
-    "mlx_robust.attacks.square": 1,
-    "mlx_robust.evaluate": 6,
-    "mlx_robust.smoothing": 4,
-    "mlx_robust.trainer": 3,
-}
+PRIVATE_READ_EXCEPTIONS: dict[str, int] = {}
 # (importer, module, name) imports of another module's private name.
-PRIVATE_NAME_EXCEPTIONS = {
-    ("mlx_robust.evaluate", "mlx_robust.model", "_fresh_key"),
-}
+PRIVATE_NAME_EXCEPTIONS: set[tuple[str, str, str]] = set()
 # Edges ignored by the circle check (each is also a listed exception above).
-CYCLE_EXCEPTIONS = {
-    ("mlx_robust.model", "mlx_robust.adversarial"),
-}
+CYCLE_EXCEPTIONS: set[tuple[str, str]] = set()
 # -------------------------------------------------------------------------------------------------
 
 

@@ -134,6 +134,21 @@ def test_batch_equals_per_sample_with_same_key(bitwise_device, mlp, batch, norm)
     assert not mx.array_equal(robust.attack(x, y, attack, key=mr.key(6)).x_adv, whole.x_adv)
 
 
+def test_queries_survive_batch_size(bitwise_device, mlp, batch):
+    """Results are merged by field name: a split batch keeps SquareResult and its query counts."""
+    x, y = batch
+    x, y = x[:6], y[:6]
+    robust = _robust(mlp)
+    attack = mr.Square(eps=0.1, n_queries=60, unroll=4)
+    whole = robust.attack(x, y, attack, key=mr.key(5))
+    split = robust.attack(x, y, attack, key=mr.key(5), batch_size=4)
+    assert isinstance(split, mr.SquareResult)
+    assert split.queries is not None and split.queries.shape == (6,)
+    assert mx.array_equal(split.queries, whole.queries)
+    assert mx.array_equal(split.success, whole.success)
+    assert split.attack == whole.attack and split.y_target is None
+
+
 # --- C++ core vs the plain-MLX reference ----------------------------------------------------------
 
 REFERENCE_CASES = [

@@ -110,3 +110,9 @@ def per_sample(value: EpsLike, n: int, name: str) -> mx.array:
     if arr.shape != (n,):
         raise ValueError(f"{name} must be a number or have shape ({n},) (one per sample), got shape {arr.shape}")
     return mx.array(arr)
+
+
+def fresh_key() -> mx.array:
+    """A PRNG key drawn from MLX's global generator, so ``mx.random.seed(...)`` makes calls that
+    were given no key repeatable."""
+    return mx.random.key(int(mx.random.randint(0, 2**31 - 1, shape=()).item()))

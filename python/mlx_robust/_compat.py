@@ -22,3 +22,14 @@ def moved(module: str, name: str, targets: dict[str, str]) -> Any:
         stacklevel=3,
     )
     return getattr(importlib.import_module(targets[name]), name)
+
+
+def deprecated_call(old: str, module: str, name: str) -> Any:
+    """``module.name`` for a deprecated alias ``old`` that forwards to it, with a DeprecationWarning
+    (the alias's module does not import ``module``: it may sit below it in the layers)."""
+    warnings.warn(
+        f"{old} is deprecated; use {module}.{name} (the old name will be removed in the next release)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return getattr(importlib.import_module(module), name)

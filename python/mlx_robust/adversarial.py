@@ -23,6 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_robust import _functional
+from mlx_robust._checks import fresh_key
 from mlx_robust.attacks import PGD
 from mlx_robust.model import RobustModel
 from mlx_robust.validation import as_labels, check_bounds
@@ -63,11 +64,6 @@ def _in_trace(*arrays: mx.array) -> bool:
             return True
         raise
     return False
-
-
-def _fresh_key() -> mx.array:
-    # From MLX's global generator, so mx.random.seed(...) makes training runs repeatable.
-    return mx.random.key(int(mx.random.randint(0, 2**31 - 1, shape=()).item()))
 
 
 def kl_divergence(clean_logits: mx.array, adv_logits: mx.array) -> mx.array:
@@ -176,8 +172,7 @@ class AdversarialValueAndGrad:
         """Validate a training batch with the RobustModel's bounds, shape and policy."""
         x, _ = self.robust.validate(x)
         robust = self.robust
-        if robust._num_classes is None:
-            robust._logits(x[:1], training=False)
+        robust.infer_num_classes(x)
         return x, as_labels(y, x.shape[0], robust.num_classes, "y")
 
     # ---- the perturbation ---------------------------------------------------------------------
@@ -215,7 +210,7 @@ class AdversarialValueAndGrad:
             return x_adv
         try:
             res = self.attack.run(
-                self.robust, x, y, None, _fresh_key() if key is None else key, training=False, track_best=False
+                self.robust, x, y, None, fresh_key() if key is None else key, training=False, track_best=False
             )
         except ValueError as exc:
             if "function transformations" in str(exc):

@@ -10,10 +10,12 @@ import mlx.nn as nn
 import numpy as np
 
 from mlx_robust import _functional
-from mlx_robust._checks import is_int
+from mlx_robust._checks import fresh_key, is_int
+from mlx_robust._compat import deprecated_call
 from mlx_robust.attacks import PGD, Attack, AttackResult
+from mlx_robust.attacks.base import merge_results
 from mlx_robust.defences import GaussianNoise
-from mlx_robust.smoothing import Certification, Smoothing
+from mlx_robust.smoothing import Certification, Smoothing, certify, smoothed_predict
 from mlx_robust.validation import POLICIES, ValidationReport, as_labels, check_bounds, validate, validate_deferred
 
 
@@ -22,11 +24,6 @@ def key(seed: int) -> mx.array:
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     return mx.random.key(seed)
-
-
-def _fresh_key() -> mx.array:
-    # Draw from MLX's global generator so mx.random.seed(...) makes calls without a key repeatable.
-    return mx.random.key(int(mx.random.randint(0, 2**31 - 1, shape=()).item()))
 
 
 class RobustModel:
@@ -114,6 +111,32 @@ class RobustModel:
         return self._num_classes
 
     @property
+    def known_num_classes(self) -> Optional[int]:
+        """The number of classes if given or already seen in an output, else None."""
+        return self._num_classes
+
+    def infer_num_classes(self, x: mx.array, *, check: bool = False) -> int:
+        """The number of classes, running the model once on ``x[:1]`` (in eval mode) if it is not
+        known yet. ``check``: validate that input and require finite logits, as ``predict`` does."""
+        if self._num_classes is None:
+            if check:
+                self.base_predict(x[:1])
+            else:
+                self.forward(x[:1], training=False)
+        return self.num_classes
+
+    @property
+    def engine(self) -> "_functional.ModelFunction":
+        """The compiled engine the attacks run this model on (``run_attack``, ``run_apgd``,
+        ``run_cw``, ``run_square``): the interface between ``attacks/`` and the model."""
+        return self._fn
+
+    @property
+    def smoothing_engine(self) -> "_functional.SmoothedFunction":
+        """The engine randomized smoothing samples and counts votes with (``vote_counts``)."""
+        return self._smooth_fn
+
+    @property
     def trace_count(self) -> int:
         """How often the attack core traced the model (Python ran inside a step)."""
         return self._fn.trace_count
@@ -141,14 +164,14 @@ class RobustModel:
         self._fn.clear()
         self._smooth_fn.clear()
 
-    def _logits(
+    def forward(
         self,
         x: mx.array,
         key: Optional[mx.array] = None,
         rows: Optional[mx.array] = None,
         training: Optional[bool] = None,
     ) -> mx.array:
-        """The defended model's logits on a shallow copy of the model (the model is never touched),
+        """The defended model's logits on a validated batch ``x``, on a shallow copy of the model (the model is never touched),
         in ``training`` mode; None: each module's own mode. A random defence draws row i from
         row_keys(key, rows)[i] (rows: global sample indices, default 0..N-1), as in the attack
         engines; without a key, from MLX's global generator."""
@@ -187,15 +210,15 @@ class RobustModel:
         x, _ = self.validate(x)
         if key is not None:
             _check_key(key)
-        return self._logits(x, key)
+        return self.forward(x, key)
 
-    def _defended_logits(self, x: mx.array, key: Optional[mx.array], rows: Optional[mx.array], draws: int) -> mx.array:
+    def defended_logits(self, x: mx.array, key: Optional[mx.array], rows: Optional[mx.array], draws: int) -> mx.array:
         """float32 logits (N, C) in eval mode: the model's, or with ``noise`` the mean over ``draws``
         draws keyed per sample by ``key`` and ``rows`` (what an attack's logits mean: EOT)."""
         if self.noise is None or key is None:
-            return self._logits(x, training=False).astype(mx.float32)
+            return self.forward(x, training=False).astype(mx.float32)
         keys = mx.random.split(key, max(draws, 1))
-        total = sum(self._logits(x, keys[e], rows, training=False).astype(mx.float32) for e in range(max(draws, 1)))
+        total = sum(self.forward(x, keys[e], rows, training=False).astype(mx.float32) for e in range(max(draws, 1)))
         return total / max(draws, 1)
 
     def clean_probabilities(self, x: mx.array) -> mx.array:
@@ -213,17 +236,17 @@ class RobustModel:
         from MLX's global generator. Deterministic models ignore ``key``.
         """
         if self.smoothing is not None:
-            from mlx_robust.smoothing import smoothed_predict
-
             return smoothed_predict(self, x, key=key)
         if key is not None and self.noise is not None:
             _check_key(key)
-            return self._base_predict(x, key)
-        return self._base_predict(x)
+            return self.base_predict(x, key)
+        return self.base_predict(x)
 
-    def _base_predict(self, x: Any, key: Optional[mx.array] = None) -> mx.array:
+    def base_predict(self, x: Any, key: Optional[mx.array] = None) -> mx.array:
+        """Predicted classes (N,) int32 of the model itself (with ``noise`` if configured, never
+        smoothing): validates ``x``, eval mode, requires finite logits."""
         x, _ = self.validate(x)
-        logits = self._logits(x, key, training=False)
+        logits = self.forward(x, key, training=False)
         _check_finite_logits(logits)
         return mx.argmax(logits, axis=-1).astype(mx.int32)
 
@@ -270,12 +293,11 @@ class RobustModel:
 
     def _attack(self, x, y, attack, y_target, key, batch_size, progress) -> AttackResult:
         n = x.shape[0]
-        if self._num_classes is None:
-            self._logits(x[:1], training=False)
-        y = self._base_predict(x) if y is None else as_labels(y, n, self.num_classes, "y")
+        self.infer_num_classes(x)
+        y = self.base_predict(x) if y is None else as_labels(y, n, self.num_classes, "y")
         targets = None if y_target is None else as_labels(y_target, n, self.num_classes, "y_target")
         if key is None:
-            key = _fresh_key()
+            key = fresh_key()
         else:
             _check_key(key)
         if batch_size is not None and (not is_int(batch_size) or batch_size < 1):
@@ -311,11 +333,7 @@ class RobustModel:
             _check_finite_logits(part.logits)
         if len(parts) == 1:
             return parts[0]
-        cat = lambda f: mx.concatenate([getattr(p, f) for p in parts], axis=0)  # noqa: E731
-        return AttackResult(
-            cat("x_adv"), cat("success"), cat("norms"), cat("logits"), cat("loss"), y, targets, parts[0].attack,
-            parts[0].eot_samples,
-        )
+        return merge_results(parts, y=y, y_target=targets)
 
     def _low_precision_result(
         self, attack: Attack, x: mx.array, res: AttackResult, y_target: Optional[mx.array], key: mx.array,
@@ -328,7 +346,7 @@ class RobustModel:
         objective, norms in the attack's norm."""
         x_adv = round_toward(res.x_adv, x)
         final_key = _functional.row_keys(key, mx.array([_FINAL_STREAM], dtype=mx.uint32))[0]
-        logits = self._defended_logits(x_adv, final_key, rows, res.eot_samples)
+        logits = self.defended_logits(x_adv, final_key, rows, res.eot_samples)
         pred = mx.argmax(logits, axis=-1)
         success = pred == y_target if y_target is not None else pred != res.y
         loss = attack.result_loss(self, x, logits, res.y, y_target, rows=rows, key=final_key)
@@ -359,13 +377,12 @@ class RobustModel:
         Example:
             >>> cls, radius = robust.certify(x, n0=100, n=100_000, alpha=1e-3, key=mr.key(0))
         """
-        from mlx_robust.smoothing import certify
-
         return certify(self, x, n0=n0, n=n, alpha=alpha, sigma=sigma, batch_size=batch_size, key=key,
                        progress=progress)
 
     def adversarial_value_and_grad(self, loss_fn: Any, *, attack: Optional[PGD] = None, method: str = "pgd-at", **params: Any) -> Any:
-        """Adversarial training of the wrapped model: ``mr.adversarial_value_and_grad(self, ...)``.
+        """Deprecated alias of ``mr.adversarial_value_and_grad(self, ...)`` (a DeprecationWarning;
+        removed in the next release: ``RobustModel`` holds no training, as ``nn.Module`` does not).
 
         The same object then serves training and defended inference; its bounds, input shape and
         validation apply to the training batches. Methods and parameters (``beta``,
@@ -376,9 +393,8 @@ class RobustModel:
             >>> loss_and_grad = robust.adversarial_value_and_grad(loss_fn, attack=mr.PGD(eps=0.1, steps=7))
             >>> loss, grads = loss_and_grad(robust.model, x, y)
         """
-        from mlx_robust.adversarial import adversarial_value_and_grad
-
-        return adversarial_value_and_grad(self, loss_fn, attack=attack, method=method, **params)
+        free = deprecated_call("RobustModel.adversarial_value_and_grad", "mlx_robust", "adversarial_value_and_grad")
+        return free(self, loss_fn, attack=attack, method=method, **params)
 
 
 LOW_PRECISION = (mx.float16, mx.bfloat16)

@@ -38,6 +38,7 @@ from mlx_robust import _functional
 from mlx_robust._compat import moved
 from mlx_robust._files import write_replacing
 from mlx_robust._checks import finite32, float32_note
+from mlx_robust.validation import as_labels
 
 if TYPE_CHECKING:  # pragma: no cover
     from mlx_robust.model import RobustModel
@@ -314,12 +315,6 @@ def _resolve(robust: "RobustModel", **overrides: Any) -> Smoothing:
     return base.replace(**values)
 
 
-def _ensure_num_classes(robust: "RobustModel", x: mx.array) -> int:
-    if robust._num_classes is None:
-        robust._logits(x[:1], training=False)
-    return robust.num_classes
-
-
 def _progress_bar(show: Optional[bool], total: int, draws: int, desc: str):
     if show is False or (show is None and total * draws < 2_000_000):
         return None
@@ -374,12 +369,12 @@ def smoothed_predict(
     x, _ = robust.validate(x)
     num = x.shape[0]
     keys = sample_keys(key, num)
-    num_classes = _ensure_num_classes(robust, x)
+    num_classes = robust.infer_num_classes(x)
     bar = _progress_bar(progress, num, s.n, "smoothed predict")
     counts, bad = [], []
     try:
         for lo, hi in _groups(num, s.n, s.batch_size, bar):
-            c, b = robust._smooth_fn.vote_counts(
+            c, b = robust.smoothing_engine.vote_counts(
                 x[lo:hi], keys[lo:hi], n=s.n, sigma=s.sigma, batch_size=s.batch_size, num_classes=num_classes,
                 with_nonfinite=True,
             )
@@ -446,10 +441,10 @@ def _certify(robust, x, *, n0, n, alpha, sigma, batch_size, key, progress, valid
     if num == 0:
         empty = mx.zeros((0,), mx.int32)
         return empty, mx.zeros((0,), mx.float32), mx.zeros((0,), mx.float32), empty, s.n0 + s.n
-    num_classes = _ensure_num_classes(robust, x)
+    num_classes = robust.infer_num_classes(x)
     sel_keys, est_keys = _split_each(keys)
     bar = _progress_bar(progress, num, s.n0 + s.n, "certify")
-    fn = robust._smooth_fn
+    fn = robust.smoothing_engine
     c0, c1, b0, b1 = [], [], [], []
     try:
         for lo, hi in _groups(num, s.n0 + s.n, s.batch_size, bar):
@@ -648,15 +643,13 @@ def certified_accuracy(
     Returns:
         CertifiedAccuracy (print it for a table; ``.plot(path)`` for the curve).
     """
-    from mlx_robust.validation import as_labels
-
     radii_t = tuple(float(r) for r in radii)
     if not radii_t or any(not math.isfinite(r) or r < 0 for r in radii_t):
         raise ValueError(f"radii must be a non-empty sequence of finite numbers >= 0, got {radii!r}")
     s = _resolve(robust, n0=n0, n=n, alpha=alpha, sigma=sigma, batch_size=batch_size)
     x, _ = robust.validate(x)
     num = x.shape[0]
-    num_classes = _ensure_num_classes(robust, x)
+    num_classes = robust.infer_num_classes(x)
     labels = as_labels(y, num, num_classes, "y")
     group = distributed_group(group)
     if group is not None and key is None:

@@ -101,7 +101,7 @@ def clean_accuracy(robust: RobustModel, x: mx.array, y: mx.array, batch_size: in
     """Fraction of ``x`` that ``robust.predict`` (eval mode; its defence if any) classifies as ``y``."""
     correct = 0
     for s in range(0, x.shape[0], batch_size):
-        correct += int(mx.sum(robust._base_predict(x[s : s + batch_size]) == y[s : s + batch_size]).item())
+        correct += int(mx.sum(robust.base_predict(x[s : s + batch_size]) == y[s : s + batch_size]).item())
     return correct / x.shape[0]
 
 
@@ -299,8 +299,7 @@ def train(
     loss_fn = cross_entropy_loss if loss_fn is None else loss_fn
 
     x_train, _ = robust.validate(x_train, name="x_train")
-    if robust._num_classes is None:
-        robust._base_predict(x_train[:1])  # infers num_classes from the model's output
+    robust.infer_num_classes(x_train, check=True)
     y_train = as_labels(y_train, x_train.shape[0], robust.num_classes, "y_train")
     if x_test is not None:
         x_test, _ = robust.validate(x_test, name="x_test")

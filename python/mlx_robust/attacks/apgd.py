@@ -98,7 +98,7 @@ class APGD(Attack):
         eps = per_sample(self.eps, n, "eps")
         eot = robust.eot_samples(self.eot_samples)
         num_classes = robust.num_classes
-        x_adv, success, loss, logits, norms = robust._fn.run_apgd(
+        x_adv, success, loss, logits, norms = robust.engine.run_apgd(
             x,
             y,
             eps,
@@ -118,7 +118,9 @@ class APGD(Attack):
             rows=rows,
         )
         name = self.name if eot == 1 else f"{self.name} EOT-{eot}"
-        return AttackResult(x_adv, success, norms, logits, loss, y, y_target, name, eot)
+        return AttackResult(
+            x_adv=x_adv, success=success, norms=norms, logits=logits, loss=loss, y=y, y_target=y_target, attack=name, eot_samples=eot,
+        )
 
     def result_loss(self, robust, x, logits, y, y_target, rows=None, key=None) -> mx.array:
         """The objective APGD maximised at ``logits``: CE or DLR (targeted: towards ``y_target``).
@@ -130,7 +132,7 @@ class APGD(Attack):
         if y_target is not None:
             targets = [y_target]
         elif n_targets > 0:
-            clean = robust._defended_logits(x, key, rows, robust.eot_samples(self.eot_samples))
+            clean = robust.defended_logits(x, key, rows, robust.eot_samples(self.eot_samples))
             ranked = mx.argsort(clean, axis=-1).astype(mx.int32)
             c = robust.num_classes
             targets = [ranked[:, c - 2 - t] for t in range(n_targets)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import mlx.core as mx
 
@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "Attack", "AttackResult", "EpsLike", "FLOAT32_MAX", "NORMS", "check_positive", "finite32", "float32_note",
-    "is_int", "per_sample", "scalar",
+    "is_int", "merge_results", "per_sample", "scalar",
 ]
 
 
@@ -73,6 +73,24 @@ class AttackResult:
     def robust_accuracy(self) -> float:
         """Fraction of samples still classified as ``y`` on ``x_adv``."""
         return float(mx.mean((self.predictions == self.y).astype(mx.float32)).item())
+
+
+def merge_results(parts: Sequence[AttackResult], **fields: object) -> AttackResult:
+    """One result from the results of consecutive slices of a batch, field by field: per-sample
+    arrays are concatenated, a field that is None in every part stays None, the rest (the attack's
+    name, its EOT draws) come from the first part; ``fields`` override any field by name. The
+    result has the parts' type, so an attack's extra fields (``SquareResult.queries``) survive."""
+    merged = {}
+    for f in dataclasses.fields(parts[0]):
+        values = [getattr(p, f.name) for p in parts]
+        if all(v is None for v in values):
+            merged[f.name] = None
+        elif isinstance(values[0], mx.array):
+            merged[f.name] = mx.concatenate(values, axis=0)
+        else:
+            merged[f.name] = values[0]
+    merged.update(fields)
+    return type(parts[0])(**merged)
 
 
 class Attack:

@@ -107,7 +107,7 @@ class CW(Attack):
         """Attack a validated batch (called by ``RobustModel.attack``)."""
         targeted = y_target is not None
         eot = robust.eot_samples(self.eot_samples)
-        x_adv, success, loss, logits, norms = robust._fn.run_cw(
+        x_adv, success, loss, logits, norms = robust.engine.run_cw(
             x,
             y_target if targeted else y,
             robust.bounds,
@@ -125,7 +125,9 @@ class CW(Attack):
             rows=rows,
         )
         name = self.name if eot == 1 else f"{self.name} EOT-{eot}"
-        return AttackResult(x_adv, success, norms, logits, loss, y, y_target, name, eot)
+        return AttackResult(
+            x_adv=x_adv, success=success, norms=norms, logits=logits, loss=loss, y=y, y_target=y_target, attack=name, eot_samples=eot,
+        )
 
     def result_loss(self, robust, x, logits, y, y_target, rows=None, key=None) -> mx.array:
         """The logit margin ``max_{j≠y} Z_j - Z_y`` (targeted: ``Z_t - max_{j≠t} Z_j``)."""

@@ -98,7 +98,7 @@ class PGD(Attack):
         targeted = y_target is not None
         eot = robust.eot_samples(self.eot_samples)
         probs = robust.clean_probabilities(x) if self.loss == "kl" else None
-        x_adv, success, loss, logits, norms = robust._fn.run_attack(
+        x_adv, success, loss, logits, norms = robust.engine.run_attack(
             x,
             y_target if targeted else y,
             eps,
@@ -121,7 +121,9 @@ class PGD(Attack):
             rows=rows,
         )
         name = self.name if eot == 1 else f"{self.name} EOT-{eot}"
-        return AttackResult(x_adv, success, norms, logits, loss, y, y_target, name, eot)
+        return AttackResult(
+            x_adv=x_adv, success=success, norms=norms, logits=logits, loss=loss, y=y, y_target=y_target, attack=name, eot_samples=eot,
+        )
 
     def result_loss(self, robust, x, logits, y, y_target, rows=None, key=None) -> mx.array:
         """The objective the attack maximised (``loss``: ce, margin or kl; targeted: negated)."""

@@ -30,7 +30,7 @@ class SquareResult(AttackResult):
     Attributes:
         queries: (N,) int32 model queries per sample after the clean check: 0 for a sample
             misclassified already, else 1 (initialisation) + the iterations until success, at most
-            ``n_queries``. (Lost when ``RobustModel.attack`` splits the batch with ``batch_size``.)
+            ``n_queries``.
     """
 
     queries: Optional[mx.array] = None
@@ -120,7 +120,7 @@ class Square(Attack):
         eps = per_sample(self.eps, n, "eps")
         targeted = y_target is not None
         x_adv, success, loss, logits, norms, queries = _functional.run_square(
-            robust._fn,
+            robust.engine,
             x,
             y_target if targeted else y,
             eps,
@@ -136,7 +136,10 @@ class Square(Attack):
             key=key,
             rows=rows,
         )
-        return SquareResult(x_adv, success, norms, logits, loss, y, y_target, self.name, 1, queries)
+        return SquareResult(
+            x_adv=x_adv, success=success, norms=norms, logits=logits, loss=loss, y=y, y_target=y_target,
+            attack=self.name, eot_samples=1, queries=queries,
+        )
 
     def result_loss(self, robust, x, logits, y, y_target, rows=None, key=None) -> mx.array:
         """The attack objective (``loss``: margin or ce; targeted: towards ``y_target``)."""

@@ -16,7 +16,7 @@ from mlx_robust._checks import EpsLike, check_choice, check_fraction, check_int,
 from mlx_robust.attacks.base import Attack, AttackResult
 
 if TYPE_CHECKING:  # pragma: no cover
-    from mlx_robust.model import RobustModel
+    from mlx_robust.robust_model import RobustModel
 
 APGD_LOSSES = ("ce", "dlr")
 

@@ -23,7 +23,7 @@ from mlx_robust._checks import (  # noqa: F401  (re-exported: the attacks' old i
 )
 
 if TYPE_CHECKING:  # pragma: no cover
-    from mlx_robust.model import RobustModel
+    from mlx_robust.robust_model import RobustModel
 
 __all__ = [
     "Attack", "AttackResult", "EpsLike", "FLOAT32_MAX", "NORMS", "check_positive", "finite32", "float32_note",

@@ -16,7 +16,7 @@ from mlx_robust._checks import check_flag, check_int, finite32, float32_note, sc
 from mlx_robust.attacks.base import Attack, AttackResult
 
 if TYPE_CHECKING:  # pragma: no cover
-    from mlx_robust.model import RobustModel
+    from mlx_robust.robust_model import RobustModel
 
 
 def _number(value: object, name: str, allow_zero: bool) -> float:

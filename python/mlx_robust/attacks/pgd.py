@@ -18,7 +18,7 @@ from mlx_robust._checks import EpsLike, check_choice, check_positive, per_sample
 from mlx_robust.attacks.base import Attack, AttackResult
 
 if TYPE_CHECKING:  # pragma: no cover
-    from mlx_robust.model import RobustModel
+    from mlx_robust.robust_model import RobustModel
 
 LOSSES = ("ce", "margin", "kl")
 

@@ -12,7 +12,7 @@ import mlx.nn as nn
 
 import mlx_robust as mr
 from mlx_robust._files import write_text
-from mlx_robust.smoothing import (
+from mlx_robust.defences.smoothing import (
     Smoothing,
     certified_accuracy,
     certified_accuracy_table,

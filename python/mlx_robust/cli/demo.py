@@ -16,11 +16,11 @@ import numpy as np
 import mlx_robust as mr
 from mlx_robust.attacks import PGD
 from mlx_robust.cli.commands import _have_matplotlib, _write_report
-from mlx_robust.model import RobustModel
+from mlx_robust.robust_model import RobustModel
 from mlx_robust.models import SmallCNN
-from mlx_robust.smoothing import Smoothing, certified_accuracy
-from mlx_robust.trainer import clean_accuracy, robust_accuracy, train
-from mlx_robust.training import accuracy, fit
+from mlx_robust.defences.smoothing import Smoothing, certified_accuracy
+from mlx_robust.training.loop import clean_accuracy, robust_accuracy, train
+from mlx_robust.training.fit import accuracy, fit
 
 
 def demo_ensemble(eps: float):

@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 import mlx_robust as mr
 from mlx_robust.cli.commands import certify_command, evaluate_cmd, positive_int
 from mlx_robust.cli.demo import demo
-from mlx_robust.evaluate import attack_names
+from mlx_robust.evaluation.ensemble import attack_names
 
 
 _MODEL_HELP = ("'package.module:factory' returning an mlx.nn.Module. This imports the module and "

@@ -25,7 +25,7 @@ from mlx_robust import attacks as _attacks
 from mlx_robust._files import write_replacing, write_text
 from mlx_robust.attacks import FGSM, PGD, Attack
 from mlx_robust._checks import fresh_key
-from mlx_robust.model import RobustModel
+from mlx_robust.robust_model import RobustModel
 from mlx_robust.validation import as_labels
 
 AttackSpec = Union[str, Attack]

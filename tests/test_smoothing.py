@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from conftest import assert_unchanged, snapshot
 from mlx_robust import smoothing as S
-from mlx_robust.reference import (
+from reference import (
     certify_reference,
     smoothed_predict_reference,
     vote_counts_reference,

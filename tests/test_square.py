@@ -10,11 +10,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from conftest import assert_unchanged, snapshot
+from conftest import assert_unchanged, snapshot, digits_robust as _robust, clean_correct as _clean_correct
 
 import mlx_robust as mr
 from mlx_robust import _functional
-from mlx_robust.reference import (
+from reference import (
     square_p_selection,
     square_pattern,
     square_reference,
@@ -26,14 +26,6 @@ SQUARES = {
     "l2": lambda eps: mr.Square(eps=eps * 8, n_queries=150, norm="l2"),
     "linf-ce": lambda eps: mr.Square(eps=eps, n_queries=100, loss="ce", p_init=0.5),
 }
-
-
-def _robust(model, **kw):
-    return mr.RobustModel(model, bounds=(0.0, 1.0), input_shape=(8, 8, 1), num_classes=10, **kw)
-
-
-def _clean_correct(model, x, y):
-    return np.array(mx.argmax(model(x), axis=-1) == y)
 
 
 def _norms(delta, norm):

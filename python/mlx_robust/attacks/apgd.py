@@ -84,15 +84,8 @@ class APGD(Attack):
     def _n_target_classes(self, num_classes: int) -> int:
         return 0
 
-    def run(
-        self,
-        robust: "RobustModel",
-        x: mx.array,
-        y: mx.array,
-        y_target: Optional[mx.array],
-        key: mx.array,
-        rows: Optional[mx.array] = None,
-    ) -> AttackResult:
+    def run(self, robust: "RobustModel", x: mx.array, y: mx.array, y_target: Optional[mx.array],
+            key: mx.array, rows: Optional[mx.array] = None) -> AttackResult:
         """Attack a validated batch (called by ``RobustModel.attack``)."""
         n = x.shape[0]
         eps = per_sample(self.eps, n, "eps")

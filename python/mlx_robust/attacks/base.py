@@ -130,15 +130,8 @@ class Attack:
     def name(self) -> str:
         return type(self).__name__
 
-    def run(
-        self,
-        robust: "RobustModel",
-        x: mx.array,
-        y: mx.array,
-        y_target: Optional[mx.array],
-        key: mx.array,
-        rows: Optional[mx.array] = None,
-    ) -> AttackResult:
+    def run(self, robust: "RobustModel", x: mx.array, y: mx.array, y_target: Optional[mx.array],
+            key: mx.array, rows: Optional[mx.array] = None) -> AttackResult:
         raise NotImplementedError
 
     def result_loss(

@@ -95,15 +95,8 @@ class CW(Attack):
     def name(self) -> str:
         return f"CW-L2-{self.steps}x{self.binary_search_steps}"
 
-    def run(
-        self,
-        robust: "RobustModel",
-        x: mx.array,
-        y: mx.array,
-        y_target: Optional[mx.array],
-        key: mx.array,
-        rows: Optional[mx.array] = None,
-    ) -> AttackResult:
+    def run(self, robust: "RobustModel", x: mx.array, y: mx.array, y_target: Optional[mx.array],
+            key: mx.array, rows: Optional[mx.array] = None) -> AttackResult:
         """Attack a validated batch (called by ``RobustModel.attack``)."""
         targeted = y_target is not None
         eot = robust.eot_samples(self.eot_samples)

@@ -102,15 +102,8 @@ class Square(Attack):
     def name(self) -> str:
         return f"Square-{self.n_queries} {self.norm}"
 
-    def run(
-        self,
-        robust: "RobustModel",
-        x: mx.array,
-        y: mx.array,
-        y_target: Optional[mx.array],
-        key: mx.array,
-        rows: Optional[mx.array] = None,
-    ) -> SquareResult:
+    def run(self, robust: "RobustModel", x: mx.array, y: mx.array, y_target: Optional[mx.array],
+            key: mx.array, rows: Optional[mx.array] = None) -> SquareResult:
         """Attack a validated batch (called by ``RobustModel.attack``)."""
         if x.ndim != 4:
             raise ValueError(

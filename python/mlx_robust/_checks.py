@@ -72,12 +72,12 @@ def check_positive(value: object, name: str, allow_zero: bool) -> object:
     return value
 
 
-def check_int(value: object, name: str, *, optional: bool = False) -> Optional[int]:
-    """``value`` as an int >= 1 (or None when ``optional``); ValueError naming ``name`` otherwise."""
+def check_int(value: object, name: str, *, low: int = 1, optional: bool = False) -> Optional[int]:
+    """``value`` as an int >= ``low`` (or None when ``optional``); ValueError naming ``name`` otherwise."""
     if optional and value is None:
         return None
-    if not is_int(value) or value < 1:
-        what = "None or an integer >= 1" if optional else "an integer >= 1"
+    if not is_int(value) or value < low:
+        what = f"None or an integer >= {low}" if optional else f"an integer >= {low}"
         raise ValueError(f"{name} must be {what}, got {value!r}")
     return int(value)
 

@@ -28,6 +28,7 @@ import mlx.optimizers as optim
 import numpy as np
 
 from mlx_robust import _functional
+from mlx_robust._checks import check_int
 from mlx_robust.validation import as_batch, as_labels
 
 __all__ = ["defensive_distillation", "soft_labels", "train_at_temperature"]
@@ -40,12 +41,6 @@ def _check_temperature(temperature: Any) -> float:
     return float(temperature)
 
 
-def _check_int(value: Any, name: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    return int(value)
-
-
 def soft_labels(teacher: nn.Module, x: Any, temperature: float, *, batch_size: int = 512) -> mx.array:
     """The teacher's softened probabilities ``softmax(teacher(x) / T)``, shape (N, C), in eval mode.
 
@@ -55,7 +50,7 @@ def soft_labels(teacher: nn.Module, x: Any, temperature: float, *, batch_size: i
         raise TypeError(f"teacher must be an mlx.nn.Module, got {type(teacher).__name__}")
     t = _check_temperature(temperature)
     x = as_batch(x, "x")
-    batch_size = _check_int(batch_size, "batch_size", 1)
+    batch_size = check_int(batch_size, "batch_size", low=1)
     parts = []
     # A shallow copy in eval mode: the teacher itself is never touched.
     teacher_eval = _functional.model_copy(teacher, training=False)
@@ -86,9 +81,9 @@ def train_at_temperature(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an mlx.nn.Module, got {type(model).__name__}")
     t = _check_temperature(temperature)
-    epochs = _check_int(epochs, "epochs", 0)
-    batch_size = _check_int(batch_size, "batch_size", 1)
-    seed = _check_int(seed, "seed", 0)
+    epochs = check_int(epochs, "epochs", low=0)
+    batch_size = check_int(batch_size, "batch_size", low=1)
+    seed = check_int(seed, "seed", low=0)
     if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or not learning_rate > 0:
         raise ValueError(f"learning_rate must be a number > 0, got {learning_rate!r}")
     x = as_batch(x, "x")

@@ -23,7 +23,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_robust._checks import is_int
+from mlx_robust._checks import check_int, is_int
 from mlx_robust._compat import moved
 from mlx_robust._files import remove_stale_temps, write_replacing
 from mlx_robust.training.objectives import METHODS, AdversarialValueAndGrad, adversarial_value_and_grad
@@ -265,8 +265,7 @@ def train(
     if not isinstance(method, str) or method not in TRAIN_METHODS:
         raise ValueError(f"method must be one of {TRAIN_METHODS}, got {method!r}")
     for name, value, low in (("epochs", epochs, 0), ("batch_size", batch_size, 1), ("seed", seed, 0)):
-        if not is_int(value) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        check_int(value, name, low=low)
     if eval_samples is not None and (not is_int(eval_samples) or eval_samples < 1):
         raise ValueError(f"eval_samples must be a positive integer, got {eval_samples!r}")
     if optimizer is not None and not isinstance(optimizer, optim.Optimizer):

@@ -23,52 +23,13 @@ column shows the mechanism, not what a robust model would gain.
 from __future__ import annotations
 
 import argparse
-import platform
-import statistics
-import subprocess
-import time
 from functools import partial
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 
 import mlx_robust as mr
-
-
-def backend_description() -> str:
-    dev = mx.default_device()
-    info = mx.device_info() if hasattr(mx, "device_info") else {}
-    name = info.get("device_name", "?")
-    if dev.type == mx.cpu:
-        blas = "Accelerate" if platform.system() == "Darwin" else "unknown BLAS"
-        if platform.system() == "Linux":
-            lib = Path(mx.__file__).parent / "lib" / "libmlx.so"
-            try:
-                out = subprocess.run(["ldd", str(lib)], capture_output=True, text=True).stdout
-                libs = [ln.split()[0] for ln in out.splitlines() if "blas" in ln.lower()]
-                blas = ", ".join(libs) or "no BLAS linked"
-            except OSError:
-                pass
-        return f"{dev} ({name}), BLAS: {blas}"
-    return f"{dev} ({name})"
-
-
-def make_model(kind: str) -> nn.Module:
-    if kind == "mlp":
-        return mr.models.MLP(784, hidden=(256, 256), num_classes=10)
-    return mr.models.SmallCNN(in_channels=1, num_classes=10, image_size=28, channels=(32, 64))
-
-
-def timeit(fn, reps: int) -> float:
-    """Median seconds of ``fn()`` (which must evaluate its result) after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from _common import backend_description, make_model, median_time
 
 
 def loss_fn(model, x, y):
@@ -115,7 +76,7 @@ def bench(kind: str, batch: int, steps_list, reps: int, eps: float, unroll=None)
     y = mx.argmax(model(x), axis=-1)  # the model's own predictions: success = prediction changed
     mx.eval(x, y)
     grad = mx.grad(lambda x: loss_fn(model, x, y))
-    t_fb = timeit(lambda: mx.eval(grad(x)), reps * 3)
+    t_fb = median_time(lambda: mx.eval(grad(x)), reps * 3)
     robust = mr.RobustModel(model, bounds=(0.0, 1.0), input_shape=(28, 28, 1), num_classes=10)
     rows = []
     for steps in steps_list:
@@ -125,10 +86,10 @@ def bench(kind: str, batch: int, steps_list, reps: int, eps: float, unroll=None)
         lib = mr.PGD(**cfg, early_stop=False, unroll=unroll)
         lib_es = mr.PGD(**cfg, early_stop=True, unroll=unroll)
         times = {
-            "naive": timeit(lambda: naive_pgd(model, x, y, eps, alpha, steps), reps),
-            "compiled": timeit(lambda: compiled_pgd(model, step, x, y, steps), reps),
-            "library": timeit(lambda: mx.eval(robust.attack(x, y, lib, key=mr.key(0)).x_adv), reps),
-            "library+early-stop": timeit(lambda: mx.eval(robust.attack(x, y, lib_es, key=mr.key(0)).x_adv), reps),
+            "naive": median_time(lambda: naive_pgd(model, x, y, eps, alpha, steps), reps),
+            "compiled": median_time(lambda: compiled_pgd(model, step, x, y, steps), reps),
+            "library": median_time(lambda: mx.eval(robust.attack(x, y, lib, key=mr.key(0)).x_adv), reps),
+            "library+early-stop": median_time(lambda: mx.eval(robust.attack(x, y, lib_es, key=mr.key(0)).x_adv), reps),
         }
         rows.append(dict(model=kind, steps=steps, batch=batch, fwd_bwd=t_fb, times=times,
                          unroll=unroll or robust._fn.chosen_unroll((batch, 28, 28, 1))))

@@ -21,7 +21,7 @@ import mlx_robust as mr
 from mlx_robust.cli import demo_ensemble
 from mlx_robust.training import fit
 
-from bench_attack import backend_description
+from _common import backend_description
 
 
 def main() -> None:

@@ -18,13 +18,12 @@ about 100 modules (32x32x3):
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import mlx.core as mx
 import mlx.nn as nn
 
 import mlx_robust as mr
+from _common import median_time
 from mlx_robust import _functional
 
 
@@ -67,16 +66,6 @@ class ResNetish(nn.Module):
         return self.head(mx.mean(x, axis=(1, 2)))
 
 
-def timeit(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=32)
@@ -97,10 +86,10 @@ def main() -> None:
         pgd = mr.PGD(eps=8 / 255, steps=10, early_stop=False, unroll=10)
         modules = len(model.named_modules())
         arrays, _ = _functional.model_arrays(model)
-        walk = timeit(lambda: _functional.model_arrays(model), args.reps * 100)
-        check = timeit(lambda: robust._fn.check_traced(False), args.reps * 100)
-        copy = timeit(lambda: _functional.model_copy(model, training=False), args.reps * 100)
-        attack = timeit(lambda: mx.eval(robust.attack(x, y, pgd, key=mr.key(0)).x_adv), args.reps)
+        walk = median_time(lambda: _functional.model_arrays(model), args.reps * 100)
+        check = median_time(lambda: robust.engine.check_traced(False), args.reps * 100)
+        copy = median_time(lambda: _functional.model_copy(model, training=False), args.reps * 100)
+        attack = median_time(lambda: mx.eval(robust.attack(x, y, pgd, key=mr.key(0)).x_adv), args.reps)
         print(f"{name:13s} {modules:4d} modules {len(arrays):4d} arrays   walk {walk * 1e6:7.1f} us   "
               f"check {check * 1e6:7.1f} us   copy {copy * 1e6:7.1f} us   PGD-10 x{args.batch} "
               f"{attack * 1e3:8.2f} ms   share {check / attack:.3%}", flush=True)

@@ -21,18 +21,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import mlx.core as mx
 import mlx_robust as mr
 
-from bench_attack import backend_description, make_model  # noqa: E402 (same models, same report)
-
-
-def timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+from _common import backend_description, make_model, timed
 
 
 def bench(kind: str, batch: int, chunks: int, inputs: int, reps: int, sigma: float) -> dict:

@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.optimizers as optim
 
 import mlx_robust as mr
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_attack import backend_description  # noqa: E402
+from _common import backend_description
 
 
 def data(kind: str, n: int) -> tuple[mx.array, mx.array, int]:

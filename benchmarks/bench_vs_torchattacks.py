@@ -33,24 +33,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
-import time
+
+from _common import median_time
 
 MODELS = ("mlp", "cnn", "resnet")
 SHAPES = {"mlp": (28, 28, 1), "cnn": (28, 28, 1), "resnet": (32, 32, 3)}
 EPS = {"mlp": 0.3, "cnn": 0.3, "resnet": 8 / 255}
-
-
-def median_time(fn, reps: int) -> float:
-    fn()  # warm-up: traces, JIT-compiles, autotunes
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 # --- MLX -------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import mlx.optimizers as optim
 import numpy as np
 
 import mlx_robust as mr
-from mlx_robust.trainer import clean_accuracy, robust_accuracy
+from mlx_robust.training import clean_accuracy, robust_accuracy
 
 
 def load(args: argparse.Namespace) -> tuple[mx.array, mx.array, mx.array, mx.array]:

@@ -19,7 +19,7 @@ import time
 
 import mlx.core as mx
 import mlx_robust as mr
-from mlx_robust.smoothing import certified_accuracy_table, plot_certified_accuracy
+from mlx_robust.defences.smoothing import certified_accuracy_table, plot_certified_accuracy
 from mlx_robust.training import accuracy, fit
 
 

@@ -19,7 +19,7 @@ import mlx.nn as nn
 import numpy as np
 
 import mlx_robust as mr
-from mlx_robust.distillation import defensive_distillation
+from mlx_robust.defences.distillation import defensive_distillation
 from mlx_robust.training import accuracy, fit
 
 

@@ -6,6 +6,7 @@ import threading
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 import pytest
 
 import mlx_robust as mr
@@ -54,6 +55,17 @@ def bitwise_device():
         yield
     finally:
         mx.set_default_device(previous)
+
+
+def digits_robust(model: nn.Module, **kw) -> mr.RobustModel:
+    """``model`` wrapped for the digits: inputs (8, 8, 1) in [0, 1], 10 classes; ``kw`` go to
+    ``RobustModel`` (``noise=``, ``smoothing=``, ``on_invalid=``)."""
+    return mr.RobustModel(model, bounds=(0.0, 1.0), input_shape=(8, 8, 1), num_classes=10, **kw)
+
+
+def clean_correct(model: nn.Module, x: mx.array, y: mx.array):
+    """(N,) numpy bool: whether ``model`` classifies each clean input correctly."""
+    return np.array(mx.argmax(model(x), axis=-1) == y)
 
 
 @pytest.fixture

@@ -15,7 +15,8 @@ from mlx.utils import tree_flatten
 
 import mlx_robust as mr
 from mlx_robust.adversarial import METHODS, kl_divergence
-from mlx_robust.trainer import adversarial_training_demo, clean_accuracy, robust_accuracy
+from mlx_robust.cli import adversarial_training_demo
+from mlx_robust.trainer import clean_accuracy, robust_accuracy
 
 ATTACK = mr.PGD(eps=0.1, steps=3)
 PARAMS = {"trades": {"beta": 6.0}, "mart": {"beta": 6.0}, "mix": {"clean_weight": 0.5},
@@ -574,3 +575,11 @@ def test_demo_returns_the_table(digits):
     assert any(line.startswith("| standard |") for line in lines)
     assert any(line.startswith("| PGD-AT |") for line in lines)
     assert "PGD-2 robust accuracy" in text
+
+
+def test_robust_model_method_is_a_deprecated_alias(mlp):
+    robust = mr.RobustModel(mlp, bounds=(0.0, 1.0), num_classes=10)
+    with pytest.warns(DeprecationWarning, match=r"RobustModel\.adversarial_value_and_grad is deprecated"):
+        lag = robust.adversarial_value_and_grad(loss_fn, method="noise", sigma=0.3)
+    assert type(lag) is type(mr.adversarial_value_and_grad(robust, loss_fn, method="noise", sigma=0.3))
+    assert lag.sigma == 0.3

@@ -10,11 +10,11 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 import pytest
-from conftest import assert_unchanged, snapshot
+from conftest import assert_unchanged, snapshot, digits_robust as _robust, clean_correct as _clean_correct
 
 import mlx_robust as mr
 from mlx_robust import _core
-from mlx_robust.reference import apgd_checkpoints, apgd_reference, cw_margin_loss, cw_reference, dlr_loss
+from reference import apgd_checkpoints, apgd_reference, cw_margin_loss, cw_reference, dlr_loss
 
 # eps-bounded attacks, made from a base L-inf radius (L2 radii are 4x, as in test_attacks.py).
 APGD_ATTACKS = {
@@ -26,14 +26,6 @@ APGD_ATTACKS = {
 # Most tests compile one step per call (unroll=1): on the CPU backend a cold kernel cache makes every
 # compiled graph cost seconds; unrolled graphs are covered by the trace and reference tests.
 CW_SMALL = mr.CW(c=1.0, steps=50, binary_search_steps=2, unroll=1)
-
-
-def _robust(model, noise=None):
-    return mr.RobustModel(model, bounds=(0.0, 1.0), input_shape=(8, 8, 1), num_classes=10, noise=noise)
-
-
-def _clean_correct(model, x, y):
-    return np.array(mx.argmax(model(x), axis=-1) == y)
 
 
 def _norms(delta, norm):

@@ -10,10 +10,10 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 import pytest
-from conftest import assert_unchanged, snapshot
+from conftest import assert_unchanged, snapshot, digits_robust as _robust, clean_correct as _clean_correct
 
 import mlx_robust as mr
-from mlx_robust.reference import pgd_reference
+from reference import pgd_reference
 
 ATTACKS = {
     "fgsm": lambda eps: mr.FGSM(eps=eps),
@@ -23,14 +23,6 @@ ATTACKS = {
     "pgd-margin-restarts": lambda eps: mr.PGD(eps=eps, steps=5, loss="margin", restarts=2),
     "pgd-kl": lambda eps: mr.PGD(eps=eps, steps=5, loss="kl"),
 }
-
-
-def _robust(model):
-    return mr.RobustModel(model, bounds=(0.0, 1.0), input_shape=(8, 8, 1), num_classes=10)
-
-
-def _clean_correct(model, x, y):
-    return np.array(mx.argmax(model(x), axis=-1) == y)
 
 
 @pytest.mark.parametrize("name", ATTACKS)

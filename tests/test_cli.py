@@ -66,3 +66,30 @@ def test_demo_runs(tmp_path, capsys, monkeypatch, with_matplotlib):
     assert (tmp_path / "demo" / "report.json").exists()
     assert (tmp_path / "demo" / "robust_accuracy.png").exists() == with_matplotlib
     assert (tmp_path / "demo" / "certified_accuracy.png").exists() == with_matplotlib
+
+
+@pytest.mark.parametrize("module, name", [
+    ("mlx_robust.smoothing", "certify_command"),
+    ("mlx_robust.smoothing", "certified_demo_line"),
+    ("mlx_robust.trainer", "adversarial_training_demo"),
+])
+def test_moved_demo_names_still_work_with_a_warning(module, name):
+    import importlib
+
+    import mlx_robust.cli as cli
+
+    with pytest.warns(DeprecationWarning, match=rf"\.{name} moved to mlx_robust\.cli\.{name}"):
+        old = getattr(importlib.import_module(module), name)
+    assert old is getattr(cli, name)
+    with pytest.raises(AttributeError):
+        getattr(importlib.import_module(module), "no_such_name")
+
+
+def test_python_dash_m_cli_runs(capsys):
+    import runpy
+
+    with pytest.raises(SystemExit) as exit_info:
+        sys.argv = ["mlx-robust", "--version"]
+        runpy.run_module("mlx_robust.cli", run_name="__main__")
+    assert exit_info.value.code == 0
+    assert "mlx-robust" in capsys.readouterr().out

@@ -5,14 +5,10 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import assert_unchanged, snapshot
+from conftest import assert_unchanged, snapshot, digits_robust as _robust
 
 import mlx_robust as mr
-from mlx_robust.reference import pgd_reference
-
-
-def _robust(model, noise=None):
-    return mr.RobustModel(model, bounds=(0.0, 1.0), input_shape=(8, 8, 1), num_classes=10, noise=noise)
+from reference import pgd_reference
 
 
 def test_eot_on_deterministic_model_equals_plain_attack(mlp, batch):

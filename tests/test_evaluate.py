@@ -10,12 +10,9 @@ import numpy as np
 import pytest
 
 import mlx_robust as mr
+from conftest import digits_robust as _robust
 
 EPS = [0.0, 0.1, 0.2]
-
-
-def _robust(model, **kw):
-    return mr.RobustModel(model, bounds=(0.0, 1.0), input_shape=(8, 8, 1), num_classes=10, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,7 @@ import mlx.nn as nn
 import numpy as np
 
 import mlx_robust as mr
-
-
-def _robust(model):
-    return mr.RobustModel(model, bounds=(0.0, 1.0), input_shape=(8, 8, 1), num_classes=10)
+from conftest import digits_robust as _robust
 
 
 class Scaled(nn.Module):

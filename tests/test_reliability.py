@@ -10,11 +10,7 @@ import numpy as np
 
 import mlx_robust as mr
 from mlx_robust.training import fit
-from conftest import mlx_thread
-
-
-def _robust(model):
-    return mr.RobustModel(model, bounds=(0.0, 1.0), input_shape=(8, 8, 1), num_classes=10)
+from conftest import mlx_thread, digits_robust as _robust
 
 
 def test_deleted_wrapper_and_model_are_collected(batch):

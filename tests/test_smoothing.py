@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from conftest import assert_unchanged, snapshot
 from mlx_robust import smoothing as S
-from mlx_robust.reference import (
+from reference import (
     certify_reference,
     smoothed_predict_reference,
     vote_counts_reference,
@@ -454,7 +454,9 @@ def test_plot_without_matplotlib_says_how_to_install(mlp, batch, tmp_path, monke
 
 
 def test_certified_demo_line(mlp, digits):
-    line = S.certified_demo_line(mlp, digits[2], digits[3], n=200, n0=20, limit=20)
+    from mlx_robust.cli import certified_demo_line
+
+    line = certified_demo_line(mlp, digits[2], digits[3], n=200, n0=20, limit=20)
     assert line.startswith("randomized smoothing (sigma=0.25, n=200") and "at r=0.25" in line
     assert "first 20 test images" in line
 

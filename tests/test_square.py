@@ -10,11 +10,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from conftest import assert_unchanged, snapshot
+from conftest import assert_unchanged, snapshot, digits_robust as _robust, clean_correct as _clean_correct
 
 import mlx_robust as mr
 from mlx_robust import _functional
-from mlx_robust.reference import (
+from reference import (
     square_p_selection,
     square_pattern,
     square_reference,
@@ -26,14 +26,6 @@ SQUARES = {
     "l2": lambda eps: mr.Square(eps=eps * 8, n_queries=150, norm="l2"),
     "linf-ce": lambda eps: mr.Square(eps=eps, n_queries=100, loss="ce", p_init=0.5),
 }
-
-
-def _robust(model, **kw):
-    return mr.RobustModel(model, bounds=(0.0, 1.0), input_shape=(8, 8, 1), num_classes=10, **kw)
-
-
-def _clean_correct(model, x, y):
-    return np.array(mx.argmax(model(x), axis=-1) == y)
 
 
 def _norms(delta, norm):
@@ -132,6 +124,21 @@ def test_batch_equals_per_sample_with_same_key(bitwise_device, mlp, batch, norm)
     for other in (mr.Square(eps=attack.eps, n_queries=60, norm=norm, unroll=3, early_stop=False),):
         same(robust.attack(x, y, other, key=mr.key(5)), whole, slice(None))
     assert not mx.array_equal(robust.attack(x, y, attack, key=mr.key(6)).x_adv, whole.x_adv)
+
+
+def test_queries_survive_batch_size(bitwise_device, mlp, batch):
+    """Results are merged by field name: a split batch keeps SquareResult and its query counts."""
+    x, y = batch
+    x, y = x[:6], y[:6]
+    robust = _robust(mlp)
+    attack = mr.Square(eps=0.1, n_queries=60, unroll=4)
+    whole = robust.attack(x, y, attack, key=mr.key(5))
+    split = robust.attack(x, y, attack, key=mr.key(5), batch_size=4)
+    assert isinstance(split, mr.SquareResult)
+    assert split.queries is not None and split.queries.shape == (6,)
+    assert mx.array_equal(split.queries, whole.queries)
+    assert mx.array_equal(split.success, whole.success)
+    assert split.attack == whole.attack and split.y_target is None
 
 
 # --- C++ core vs the plain-MLX reference ----------------------------------------------------------

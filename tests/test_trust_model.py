@@ -14,7 +14,7 @@ import pytest
 
 import mlx_robust as mr
 from mlx_robust import _functional
-from conftest import mlx_thread
+from conftest import mlx_thread, digits_robust as _robust
 
 
 class Net(nn.Module):
@@ -50,10 +50,6 @@ CHANGES = {"attribute": _set_temperature, "private_array": _set_private_array, "
 
 
 SMOOTHING = mr.Smoothing(sigma=0.25, n=100, n0=10, alpha=0.01, batch_size=100)
-
-
-def _robust(model: nn.Module, **kw) -> mr.RobustModel:
-    return mr.RobustModel(model, bounds=(0.0, 1.0), input_shape=(8, 8, 1), num_classes=10, **kw)
 
 
 def _results(robust: mr.RobustModel, smoothed: mr.RobustModel, x: mx.array, y: mx.array) -> dict:

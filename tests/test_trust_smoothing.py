@@ -17,7 +17,7 @@ import pytest
 
 import mlx_robust as mr
 from mlx_robust import _functional
-from mlx_robust.reference import vote_counts_reference
+from reference import vote_counts_reference
 from mlx_robust.smoothing import _split_each, sample_keys
 from conftest import mlx_thread
 

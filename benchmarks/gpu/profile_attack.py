@@ -25,7 +25,8 @@ from pathlib import Path
 import mlx.core as mx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_attack import backend_description, loss_fn, make_model, naive_pgd, timeit  # noqa: E402
+from _common import backend_description, make_model, median_time as timeit  # noqa: E402
+from bench_attack import loss_fn, naive_pgd  # noqa: E402
 
 import mlx_robust as mr  # noqa: E402
 

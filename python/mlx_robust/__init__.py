@@ -35,23 +35,33 @@ if _core.mlx_version != mx.__version__:
         f"MLX has no stable C++ ABI. {_REBUILD}"
     )
 
-from mlx_robust import datasets, distillation, distributed, models  # noqa: E402
-from mlx_robust.adversarial import AdversarialValueAndGrad, adversarial_value_and_grad  # noqa: E402
-from mlx_robust.trainer import EpochLog, TrainHistory, train  # noqa: E402
+from mlx_robust import datasets, models  # noqa: E402
 from mlx_robust.attacks import FGSM, PGD, Attack, AttackResult  # noqa: E402
 from mlx_robust.attacks import Square, SquareResult  # noqa: E402
 from mlx_robust.attacks import APGD, APGDT, CW  # noqa: E402
 from mlx_robust.defences import GaussianNoise  # noqa: E402
-from mlx_robust.evaluate import RobustnessReport, evaluate  # noqa: E402
-from mlx_robust.graph import fast_pooling_enabled, set_fast_pooling  # noqa: E402
-from mlx_robust.model import RobustModel, key  # noqa: E402
-from mlx_robust.validation import ValidationReport, validate  # noqa: E402
-from mlx_robust.smoothing import (  # noqa: E402
+from mlx_robust.defences import distillation  # noqa: E402
+from mlx_robust.defences.smoothing import (  # noqa: E402
     Certification,
     CertifiedAccuracy,
     Smoothing,
     certified_accuracy,
 )
+from mlx_robust.evaluation import RobustnessReport, evaluate  # noqa: E402
+from mlx_robust.graph import fast_pooling_enabled, set_fast_pooling  # noqa: E402
+from mlx_robust.robust_model import RobustModel, key  # noqa: E402
+from mlx_robust.training import AdversarialValueAndGrad, adversarial_value_and_grad  # noqa: E402
+from mlx_robust.training import EpochLog, TrainHistory, train  # noqa: E402
+from mlx_robust.training import distributed  # noqa: E402
+from mlx_robust.validation import ValidationReport, validate  # noqa: E402
+from mlx_robust.evaluation import ensemble as _ensemble  # noqa: E402
+import sys as _sys  # noqa: E402
+
+# The old module path mlx_robust.evaluate names the ensemble module, while the attribute
+# mlx_robust.evaluate stays the function: registered here, the module is never loaded from a file,
+# so importing it cannot rebind the package attribute.
+_sys.modules.setdefault("mlx_robust.evaluate", _ensemble)
+del _sys
 
 __all__ = [
     "Certification",

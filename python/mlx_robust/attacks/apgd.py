@@ -12,10 +12,11 @@ from typing import TYPE_CHECKING, Optional
 import mlx.core as mx
 
 from mlx_robust import _functional
-from mlx_robust.attacks.base import NORMS, Attack, AttackResult, EpsLike, check_positive, is_int, per_sample
+from mlx_robust._checks import EpsLike, check_choice, check_fraction, check_int, per_sample
+from mlx_robust.attacks.base import Attack, AttackResult
 
 if TYPE_CHECKING:  # pragma: no cover
-    from mlx_robust.model import RobustModel
+    from mlx_robust.robust_model import RobustModel
 
 APGD_LOSSES = ("ce", "dlr")
 
@@ -72,25 +73,9 @@ class APGD(Attack):
 
     per_sample_fields = ("eps",)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "eps", check_positive(self.eps, "eps", allow_zero=True))
-        if not is_int(self.steps) or self.steps < 1:
-            raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
-        if not is_int(self.restarts) or self.restarts < 1:
-            raise ValueError(f"restarts must be an integer >= 1, got {self.restarts!r}")
-        if self.norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
-        if self.loss not in APGD_LOSSES:
-            raise ValueError(f"loss must be one of {APGD_LOSSES}, got {self.loss!r}")
-        if isinstance(self.rho, bool) or not isinstance(self.rho, (int, float)) or not (0 < self.rho <= 1):
-            raise ValueError(f"rho must be a number in (0, 1], got {self.rho!r}")
-        if self.unroll is not None and (not is_int(self.unroll) or self.unroll < 1):
-            raise ValueError(f"unroll must be None or an integer >= 1, got {self.unroll!r}")
-        if self.eot_samples is not None and (not is_int(self.eot_samples) or self.eot_samples < 1):
-            raise ValueError(f"eot_samples must be None or an integer >= 1, got {self.eot_samples!r}")
-        object.__setattr__(self, "steps", int(self.steps))
-        object.__setattr__(self, "restarts", int(self.restarts))
-        object.__setattr__(self, "rho", float(self.rho))
+    def _check_settings(self) -> None:
+        check_choice(self.loss, "loss", APGD_LOSSES)
+        object.__setattr__(self, "rho", check_fraction(self.rho, "rho"))
 
     @property
     def name(self) -> str:
@@ -99,21 +84,14 @@ class APGD(Attack):
     def _n_target_classes(self, num_classes: int) -> int:
         return 0
 
-    def run(
-        self,
-        robust: "RobustModel",
-        x: mx.array,
-        y: mx.array,
-        y_target: Optional[mx.array],
-        key: mx.array,
-        rows: Optional[mx.array] = None,
-    ) -> AttackResult:
+    def run(self, robust: "RobustModel", x: mx.array, y: mx.array, y_target: Optional[mx.array],
+            key: mx.array, rows: Optional[mx.array] = None) -> AttackResult:
         """Attack a validated batch (called by ``RobustModel.attack``)."""
         n = x.shape[0]
         eps = per_sample(self.eps, n, "eps")
         eot = robust.eot_samples(self.eot_samples)
         num_classes = robust.num_classes
-        x_adv, success, loss, logits, norms = robust._fn.run_apgd(
+        x_adv, success, loss, logits, norms = robust.engine.run_apgd(
             x,
             y,
             eps,
@@ -133,7 +111,9 @@ class APGD(Attack):
             rows=rows,
         )
         name = self.name if eot == 1 else f"{self.name} EOT-{eot}"
-        return AttackResult(x_adv, success, norms, logits, loss, y, y_target, name, eot)
+        return AttackResult(
+            x_adv=x_adv, success=success, norms=norms, logits=logits, loss=loss, y=y, y_target=y_target, attack=name, eot_samples=eot,
+        )
 
     def result_loss(self, robust, x, logits, y, y_target, rows=None, key=None) -> mx.array:
         """The objective APGD maximised at ``logits``: CE or DLR (targeted: towards ``y_target``).
@@ -145,7 +125,7 @@ class APGD(Attack):
         if y_target is not None:
             targets = [y_target]
         elif n_targets > 0:
-            clean = robust._defended_logits(x, key, rows, robust.eot_samples(self.eot_samples))
+            clean = robust.defended_logits(x, key, rows, robust.eot_samples(self.eot_samples))
             ranked = mx.argsort(clean, axis=-1).astype(mx.int32)
             c = robust.num_classes
             targets = [ranked[:, c - 2 - t] for t in range(n_targets)]
@@ -187,11 +167,9 @@ class APGDT(APGD):
     loss: str = "dlr"
     n_target_classes: int = 9
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not is_int(self.n_target_classes) or self.n_target_classes < 1:
-            raise ValueError(f"n_target_classes must be an integer >= 1, got {self.n_target_classes!r}")
-        object.__setattr__(self, "n_target_classes", int(self.n_target_classes))
+    def _check_settings(self) -> None:
+        super()._check_settings()
+        object.__setattr__(self, "n_target_classes", check_int(self.n_target_classes, "n_target_classes"))
 
     @property
     def name(self) -> str:

@@ -2,19 +2,33 @@
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import mlx.core as mx
-import numpy as np
+
+from mlx_robust._checks import (  # noqa: F401  (re-exported: the attacks' old import path)
+    FLOAT32_MAX,
+    NORMS,
+    EpsLike,
+    check_choice,
+    check_int,
+    check_positive,
+    finite32,
+    float32_note,
+    is_int,
+    per_sample,
+    scalar,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
-    from mlx_robust.model import RobustModel
+    from mlx_robust.robust_model import RobustModel
 
-EpsLike = Union[float, Sequence[float], np.ndarray, mx.array]
-
-NORMS = ("linf", "l2")
+__all__ = [
+    "Attack", "AttackResult", "EpsLike", "FLOAT32_MAX", "NORMS", "check_positive", "finite32", "float32_note",
+    "is_int", "merge_results", "per_sample", "scalar",
+]
 
 
 @dataclass(frozen=True)
@@ -61,69 +75,22 @@ class AttackResult:
         return float(mx.mean((self.predictions == self.y).astype(mx.float32)).item())
 
 
-def is_int(v: object) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
-
-
-def scalar(v: object) -> Optional[float]:
-    """A Python/numpy/MLX number (0-d) as float, else None (a per-sample vector)."""
-    if isinstance(v, (bool, np.bool_)):
-        raise TypeError(f"expected a number, got {v!r}")
-    if isinstance(v, (int, float, np.number)):
-        return float(v)
-    if isinstance(v, (mx.array, np.ndarray)) and v.ndim == 0:
-        return float(v.item())
-    return None
-
-
-FLOAT32_MAX = float(np.finfo(np.float32).max)
-
-
-def finite32(value: float) -> bool:
-    """Whether ``value`` is finite and stays finite as float32 (the attacks compute in float32:
-    1e39 is finite in float64 but infinite in float32)."""
-    return math.isfinite(value) and abs(value) <= FLOAT32_MAX
-
-
-def float32_note(value: float) -> str:
-    """What to add to a "must be a finite number" error for a value only float32 overflows."""
-    if math.isfinite(value) and not finite32(value):
-        return f" (infinite in float32, whose largest value is {FLOAT32_MAX:.8g})"
-    return ""
-
-
-def check_positive(value: object, name: str, allow_zero: bool) -> object:
-    """Validate a scalar or per-sample (N,) setting; returns it with scalars as float."""
-    op = ">= 0" if allow_zero else "> 0"
-    bad = (lambda a: a < 0) if allow_zero else (lambda a: a <= 0)
-    s = scalar(value)
-    if s is not None:
-        if not finite32(s) or bad(s):
-            raise ValueError(f"{name} must be a finite number {op}, got {s}{float32_note(s)}")
-        return s
-    try:
-        arr = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{name} must be a number or a per-sample vector of shape (N,)") from exc
-    if arr.ndim != 1:
-        raise ValueError(f"{name} must be a number or a per-sample vector of shape (N,), got shape {arr.shape}")
-    if not np.all(np.isfinite(arr) & (np.abs(arr) <= FLOAT32_MAX)) or np.any(bad(arr)):
-        every = "finite and >= 0" if allow_zero else "> 0 and finite"
-        raise ValueError(
-            f"{name} must be {every} for every sample (finite in float32: at most {FLOAT32_MAX:.8g})"
-        )
-    return value
-
-
-def per_sample(value: EpsLike, n: int, name: str) -> mx.array:
-    """A scalar or (N,) vector as an (N,) float32 array; ValueError naming ``name`` otherwise."""
-    s = scalar(value)
-    if s is not None:
-        return mx.full((n,), s, dtype=mx.float32)
-    arr = np.asarray(value, dtype=np.float32)
-    if arr.shape != (n,):
-        raise ValueError(f"{name} must be a number or have shape ({n},) (one per sample), got shape {arr.shape}")
-    return mx.array(arr)
+def merge_results(parts: Sequence[AttackResult], **fields: object) -> AttackResult:
+    """One result from the results of consecutive slices of a batch, field by field: per-sample
+    arrays are concatenated, a field that is None in every part stays None, the rest (the attack's
+    name, its EOT draws) come from the first part; ``fields`` override any field by name. The
+    result has the parts' type, so an attack's extra fields (``SquareResult.queries``) survive."""
+    merged = {}
+    for f in dataclasses.fields(parts[0]):
+        values = [getattr(p, f.name) for p in parts]
+        if all(v is None for v in values):
+            merged[f.name] = None
+        elif isinstance(values[0], mx.array):
+            merged[f.name] = mx.concatenate(values, axis=0)
+        else:
+            merged[f.name] = values[0]
+    merged.update(fields)
+    return type(parts[0])(**merged)
 
 
 class Attack:
@@ -139,19 +106,32 @@ class Attack:
 
     per_sample_fields: tuple[str, ...] = ("eps",)
 
+    def __post_init__(self) -> None:
+        """Check the settings attacks share, once: ``eps``, ``steps``, ``restarts`` and ``norm``
+        first, then the attack's own (:meth:`_check_settings`), then ``unroll`` and
+        ``eot_samples``; each only where the attack has that field."""
+        fields = {f.name for f in dataclasses.fields(self)}
+        if "eps" in fields:
+            object.__setattr__(self, "eps", check_positive(self.eps, "eps", allow_zero=True))
+        for name in ("steps", "restarts"):
+            if name in fields:
+                object.__setattr__(self, name, check_int(getattr(self, name), name))
+        if "norm" in fields:
+            check_choice(self.norm, "norm", NORMS)
+        self._check_settings()
+        for name in ("unroll", "eot_samples"):
+            if name in fields:
+                check_int(getattr(self, name), name, optional=True)
+
+    def _check_settings(self) -> None:
+        """Check (and normalise, with ``object.__setattr__``) the settings only this attack has."""
+
     @property
     def name(self) -> str:
         return type(self).__name__
 
-    def run(
-        self,
-        robust: "RobustModel",
-        x: mx.array,
-        y: mx.array,
-        y_target: Optional[mx.array],
-        key: mx.array,
-        rows: Optional[mx.array] = None,
-    ) -> AttackResult:
+    def run(self, robust: "RobustModel", x: mx.array, y: mx.array, y_target: Optional[mx.array],
+            key: mx.array, rows: Optional[mx.array] = None) -> AttackResult:
         raise NotImplementedError
 
     def result_loss(

@@ -12,10 +12,11 @@ from typing import TYPE_CHECKING, Optional
 import mlx.core as mx
 
 from mlx_robust import _functional
-from mlx_robust.attacks.base import Attack, AttackResult, finite32, float32_note, is_int, scalar
+from mlx_robust._checks import check_flag, check_int, finite32, float32_note, scalar
+from mlx_robust.attacks.base import Attack, AttackResult
 
 if TYPE_CHECKING:  # pragma: no cover
-    from mlx_robust.model import RobustModel
+    from mlx_robust.robust_model import RobustModel
 
 
 def _number(value: object, name: str, allow_zero: bool) -> float:
@@ -78,22 +79,12 @@ class CW(Attack):
 
     per_sample_fields = ()
 
-    def __post_init__(self) -> None:
+    def _check_settings(self) -> None:
         object.__setattr__(self, "c", _number(self.c, "c", allow_zero=False))
         object.__setattr__(self, "kappa", _number(self.kappa, "kappa", allow_zero=True))
         object.__setattr__(self, "lr", _number(self.lr, "lr", allow_zero=False))
-        if not is_int(self.steps) or self.steps < 1:
-            raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
-        if not is_int(self.binary_search_steps) or self.binary_search_steps < 1:
-            raise ValueError(f"binary_search_steps must be an integer >= 1, got {self.binary_search_steps!r}")
-        if not isinstance(self.early_abort, bool):
-            raise ValueError(f"early_abort must be True or False, got {self.early_abort!r}")
-        if self.unroll is not None and (not is_int(self.unroll) or self.unroll < 1):
-            raise ValueError(f"unroll must be None or an integer >= 1, got {self.unroll!r}")
-        if self.eot_samples is not None and (not is_int(self.eot_samples) or self.eot_samples < 1):
-            raise ValueError(f"eot_samples must be None or an integer >= 1, got {self.eot_samples!r}")
-        object.__setattr__(self, "steps", int(self.steps))
-        object.__setattr__(self, "binary_search_steps", int(self.binary_search_steps))
+        object.__setattr__(self, "binary_search_steps", check_int(self.binary_search_steps, "binary_search_steps"))
+        check_flag(self.early_abort, "early_abort")
 
     @property
     def norm(self) -> str:
@@ -104,19 +95,12 @@ class CW(Attack):
     def name(self) -> str:
         return f"CW-L2-{self.steps}x{self.binary_search_steps}"
 
-    def run(
-        self,
-        robust: "RobustModel",
-        x: mx.array,
-        y: mx.array,
-        y_target: Optional[mx.array],
-        key: mx.array,
-        rows: Optional[mx.array] = None,
-    ) -> AttackResult:
+    def run(self, robust: "RobustModel", x: mx.array, y: mx.array, y_target: Optional[mx.array],
+            key: mx.array, rows: Optional[mx.array] = None) -> AttackResult:
         """Attack a validated batch (called by ``RobustModel.attack``)."""
         targeted = y_target is not None
         eot = robust.eot_samples(self.eot_samples)
-        x_adv, success, loss, logits, norms = robust._fn.run_cw(
+        x_adv, success, loss, logits, norms = robust.engine.run_cw(
             x,
             y_target if targeted else y,
             robust.bounds,
@@ -134,7 +118,9 @@ class CW(Attack):
             rows=rows,
         )
         name = self.name if eot == 1 else f"{self.name} EOT-{eot}"
-        return AttackResult(x_adv, success, norms, logits, loss, y, y_target, name, eot)
+        return AttackResult(
+            x_adv=x_adv, success=success, norms=norms, logits=logits, loss=loss, y=y, y_target=y_target, attack=name, eot_samples=eot,
+        )
 
     def result_loss(self, robust, x, logits, y, y_target, rows=None, key=None) -> mx.array:
         """The logit margin ``max_{j≠y} Z_j - Z_y`` (targeted: ``Z_t - max_{j≠t} Z_j``)."""

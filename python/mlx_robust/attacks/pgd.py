@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING, Optional
 import mlx.core as mx
 
 from mlx_robust import _functional
-from mlx_robust.attacks.base import NORMS, Attack, AttackResult, EpsLike, check_positive, is_int, per_sample
+from mlx_robust._checks import EpsLike, check_choice, check_positive, per_sample
+from mlx_robust.attacks.base import Attack, AttackResult
 
 if TYPE_CHECKING:  # pragma: no cover
-    from mlx_robust.model import RobustModel
+    from mlx_robust.robust_model import RobustModel
 
 LOSSES = ("ce", "margin", "kl")
 
@@ -64,24 +65,10 @@ class PGD(Attack):
 
     per_sample_fields = ("eps", "step_size")
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "eps", check_positive(self.eps, "eps", allow_zero=True))
+    def _check_settings(self) -> None:
         if self.step_size is not None:
             object.__setattr__(self, "step_size", check_positive(self.step_size, "step_size", allow_zero=False))
-        if not is_int(self.steps) or self.steps < 1:
-            raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
-        if not is_int(self.restarts) or self.restarts < 1:
-            raise ValueError(f"restarts must be an integer >= 1, got {self.restarts!r}")
-        if self.norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
-        if self.unroll is not None and (not is_int(self.unroll) or self.unroll < 1):
-            raise ValueError(f"unroll must be None or an integer >= 1, got {self.unroll!r}")
-        if self.eot_samples is not None and (not is_int(self.eot_samples) or self.eot_samples < 1):
-            raise ValueError(f"eot_samples must be None or an integer >= 1, got {self.eot_samples!r}")
-        object.__setattr__(self, "steps", int(self.steps))
-        object.__setattr__(self, "restarts", int(self.restarts))
+        check_choice(self.loss, "loss", LOSSES)
 
     @property
     def name(self) -> str:
@@ -111,7 +98,7 @@ class PGD(Attack):
         targeted = y_target is not None
         eot = robust.eot_samples(self.eot_samples)
         probs = robust.clean_probabilities(x) if self.loss == "kl" else None
-        x_adv, success, loss, logits, norms = robust._fn.run_attack(
+        x_adv, success, loss, logits, norms = robust.engine.run_attack(
             x,
             y_target if targeted else y,
             eps,
@@ -134,7 +121,9 @@ class PGD(Attack):
             rows=rows,
         )
         name = self.name if eot == 1 else f"{self.name} EOT-{eot}"
-        return AttackResult(x_adv, success, norms, logits, loss, y, y_target, name, eot)
+        return AttackResult(
+            x_adv=x_adv, success=success, norms=norms, logits=logits, loss=loss, y=y, y_target=y_target, attack=name, eot_samples=eot,
+        )
 
     def result_loss(self, robust, x, logits, y, y_target, rows=None, key=None) -> mx.array:
         """The objective the attack maximised (``loss``: ce, margin or kl; targeted: negated)."""
@@ -164,8 +153,8 @@ class FGSM(PGD):
     step_size: Optional[EpsLike] = None
     random_start: bool = False
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def _check_settings(self) -> None:
+        super()._check_settings()
         if self.steps != 1 or self.restarts != 1 or self.random_start:
             raise ValueError("FGSM is a single step from x: use PGD for steps, restarts or random starts")
 

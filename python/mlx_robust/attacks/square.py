@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING, Optional
 import mlx.core as mx
 
 from mlx_robust import _functional
-from mlx_robust.attacks.base import NORMS, Attack, AttackResult, EpsLike, check_positive, is_int, per_sample
+from mlx_robust._checks import EpsLike, check_choice, check_flag, check_fraction, check_int, per_sample
+from mlx_robust.attacks.base import Attack, AttackResult
 
 if TYPE_CHECKING:  # pragma: no cover
-    from mlx_robust.model import RobustModel
+    from mlx_robust.robust_model import RobustModel
 
 LOSSES = ("margin", "ce")
 
@@ -29,7 +30,7 @@ class SquareResult(AttackResult):
     Attributes:
         queries: (N,) int32 model queries per sample after the clean check: 0 for a sample
             misclassified already, else 1 (initialisation) + the iterations until success, at most
-            ``n_queries``. (Lost when ``RobustModel.attack`` splits the batch with ``batch_size``.)
+            ``n_queries``.
     """
 
     queries: Optional[mx.array] = None
@@ -91,40 +92,18 @@ class Square(Attack):
 
     per_sample_fields = ("eps",)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "eps", check_positive(self.eps, "eps", allow_zero=True))
-        if not is_int(self.n_queries) or self.n_queries < 1:
-            raise ValueError(f"n_queries must be an integer >= 1, got {self.n_queries!r}")
-        if self.norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
-        if (
-            isinstance(self.p_init, bool)
-            or not isinstance(self.p_init, (int, float))
-            or not 0.0 < float(self.p_init) <= 1.0
-        ):
-            raise ValueError(f"p_init must be a number in (0, 1], got {self.p_init!r}")
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
-        if not isinstance(self.early_stop, bool):
-            raise ValueError(f"early_stop must be True or False, got {self.early_stop!r}")
-        if self.unroll is not None and (not is_int(self.unroll) or self.unroll < 1):
-            raise ValueError(f"unroll must be None or an integer >= 1, got {self.unroll!r}")
-        object.__setattr__(self, "n_queries", int(self.n_queries))
-        object.__setattr__(self, "p_init", float(self.p_init))
+    def _check_settings(self) -> None:
+        object.__setattr__(self, "n_queries", check_int(self.n_queries, "n_queries"))
+        object.__setattr__(self, "p_init", check_fraction(self.p_init, "p_init"))
+        check_choice(self.loss, "loss", LOSSES)
+        check_flag(self.early_stop, "early_stop")
 
     @property
     def name(self) -> str:
         return f"Square-{self.n_queries} {self.norm}"
 
-    def run(
-        self,
-        robust: "RobustModel",
-        x: mx.array,
-        y: mx.array,
-        y_target: Optional[mx.array],
-        key: mx.array,
-        rows: Optional[mx.array] = None,
-    ) -> SquareResult:
+    def run(self, robust: "RobustModel", x: mx.array, y: mx.array, y_target: Optional[mx.array],
+            key: mx.array, rows: Optional[mx.array] = None) -> SquareResult:
         """Attack a validated batch (called by ``RobustModel.attack``)."""
         if x.ndim != 4:
             raise ValueError(
@@ -134,7 +113,7 @@ class Square(Attack):
         eps = per_sample(self.eps, n, "eps")
         targeted = y_target is not None
         x_adv, success, loss, logits, norms, queries = _functional.run_square(
-            robust._fn,
+            robust.engine,
             x,
             y_target if targeted else y,
             eps,
@@ -150,7 +129,10 @@ class Square(Attack):
             key=key,
             rows=rows,
         )
-        return SquareResult(x_adv, success, norms, logits, loss, y, y_target, self.name, 1, queries)
+        return SquareResult(
+            x_adv=x_adv, success=success, norms=norms, logits=logits, loss=loss, y=y, y_target=y_target,
+            attack=self.name, eot_samples=1, queries=queries,
+        )
 
     def result_loss(self, robust, x, logits, y, y_target, rows=None, key=None) -> mx.array:
         """The attack objective (``loss``: margin or ce; targeted: towards ``y_target``)."""

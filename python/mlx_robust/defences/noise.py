@@ -7,7 +7,7 @@ from typing import Optional
 
 import mlx.core as mx
 
-from mlx_robust.attacks.base import finite32, float32_note
+from mlx_robust._checks import finite32, float32_note
 
 
 @dataclass(frozen=True)

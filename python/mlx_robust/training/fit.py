@@ -10,12 +10,12 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 
+from mlx_robust._functional import model_copy
+
 
 def accuracy(model: nn.Module, x: mx.array, y: mx.array, batch_size: int = 512) -> float:
     """Clean accuracy of ``model`` on (x, y), evaluated in eval mode on a shallow copy of the model:
     the model itself (its modules' modes, BatchNorm statistics) is never touched."""
-    from mlx_robust._functional import model_copy
-
     correct = 0
     model_eval = model_copy(model, training=False)
     for s in range(0, x.shape[0], batch_size):

@@ -20,10 +20,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from mlx_robust import _functional
 from mlx_robust import attacks as _attacks
 from mlx_robust._files import write_replacing, write_text
 from mlx_robust.attacks import FGSM, PGD, Attack
-from mlx_robust.model import RobustModel, _fresh_key
+from mlx_robust._checks import fresh_key
+from mlx_robust.robust_model import RobustModel
+from mlx_robust.validation import as_labels
 
 AttackSpec = Union[str, Attack]
 
@@ -287,19 +290,16 @@ def evaluate(
     if not specs:
         raise ValueError("attacks must name at least one attack")
     for spec in specs:  # fail fast, before any attack runs
-        _resolve(spec, eps_list[0], norm, robust._num_classes or 10)
+        _resolve(spec, eps_list[0], norm, robust.known_num_classes or 10)
     names = [_spec_name(s, norm) for s in specs]
     if len(set(names)) != len(names):
         raise ValueError(f"attacks must have distinct names, got {names}")
     cumulative = (attacks is None) if early_stop is None else bool(early_stop)
-    key = _fresh_key() if key is None else key
+    key = fresh_key() if key is None else key
 
     xv, _ = robust.validate(x)
     n = xv.shape[0]
-    from mlx_robust.validation import as_labels
-
-    if robust._num_classes is None:
-        robust._base_predict(xv[:1])
+    robust.infer_num_classes(xv, check=True)
     yv = as_labels(y, n, robust.num_classes, "y")
     if robust.is_random:
         # A random defence's clean prediction is judged like its adversarial ones: on the mean
@@ -374,8 +374,6 @@ _CLEAN, _JUDGE, _GRADIENT = 0xC1EA0001, 0xC1EA0002, 0xC1EA0003
 
 
 def _stream(key: mx.array, tag: int) -> mx.array:
-    from mlx_robust import _functional
-
     return _functional.row_keys(key, mx.array([tag], dtype=mx.uint32))[0]
 
 
@@ -384,12 +382,12 @@ def _mean_prediction(
 ) -> mx.array:
     """argmax of the defended model's logits averaged over ``draws`` random draws (eval mode),
     keyed per sample by ``key`` and ``rows`` (global sample indices, default 0..N-1)."""
-    return mx.argmax(robust._defended_logits(x, key, rows, draws), axis=-1)
+    return mx.argmax(robust.defended_logits(x, key, rows, draws), axis=-1)
 
 
 def _predict_batched(robust: RobustModel, x: mx.array, batch_size: Optional[int]) -> mx.array:
     step = x.shape[0] if batch_size is None else batch_size
-    return mx.concatenate([robust._base_predict(x[s : s + step]) for s in range(0, x.shape[0], step)])
+    return mx.concatenate([robust.base_predict(x[s : s + step]) for s in range(0, x.shape[0], step)])
 
 
 def _masking_checks(
@@ -483,7 +481,7 @@ def _gradient_health(robust: RobustModel, x: mx.array, y: mx.array, key: mx.arra
     (a random defence: one draw keyed per sample by ``key``)."""
 
     def loss(xx):
-        return nn.losses.cross_entropy(robust._logits(xx, key, training=False), y, reduction="sum")
+        return nn.losses.cross_entropy(robust.forward(xx, key, training=False), y, reduction="sum")
 
     g = mx.grad(loss)(x)
     mx.eval(g)

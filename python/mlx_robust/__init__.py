@@ -63,6 +63,16 @@ import sys as _sys  # noqa: E402
 _sys.modules.setdefault("mlx_robust.evaluate", _ensemble)
 del _sys
 
+from mlx_robust import _compat  # noqa: E402
+
+# 0.1's modules that were attributes of the package (old paths, aliases of their new homes).
+_OLD_SUBMODULES = frozenset({"model", "smoothing", "adversarial", "trainer", "cli"})
+
+
+def __getattr__(name: str):  # noqa: ANN202 - module-level attribute hook
+    return _compat.old_submodule(__name__, name, _OLD_SUBMODULES)
+
+
 __all__ = [
     "Certification",
     "CertifiedAccuracy",

@@ -33,3 +33,12 @@ def deprecated_call(old: str, module: str, name: str) -> Any:
         stacklevel=3,
     )
     return getattr(importlib.import_module(module), name)
+
+
+def old_submodule(package: str, name: str, names: frozenset[str]) -> Any:
+    """``package.name`` for the package's ``__getattr__``: the submodules that 0.1 made attributes
+    of the package as a side effect of its imports (``mr.smoothing``, ``mr.model``, ...), imported
+    on first use; AttributeError for any other name."""
+    if name not in names:
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+    return importlib.import_module(f"{package}.{name}")

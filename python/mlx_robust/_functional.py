@@ -705,3 +705,13 @@ def square_schedule(n_queries: int, p_init: float, shape: Sequence[int], norm: s
 def square_pattern(s: int, transpose: bool = False) -> list[float]:
     """The core's s x s L2 update pattern of the Square attack, row-major."""
     return list(_core.square_pattern(s, transpose))
+
+
+# --- the core's exact max-pooling rewrite (mlx_robust.graph is its public face) ----------------
+
+def set_fast_pool(enabled: bool) -> None:
+    _core.set_fast_pool(enabled)
+
+
+def fast_pool_enabled() -> bool:
+    return bool(_core.fast_pool_enabled())

@@ -15,16 +15,16 @@ any time with :func:`set_fast_pooling`; compiled functions are keyed on the sett
 
 from __future__ import annotations
 
-from mlx_robust import _core
+from mlx_robust import _functional
 
 
 def set_fast_pooling(enabled: bool) -> None:
     """Turn the core's exact max-pooling rewrite on (the default) or off."""
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
-    _core.set_fast_pool(enabled)
+    _functional.set_fast_pool(enabled)
 
 
 def fast_pooling_enabled() -> bool:
     """Whether the core rewrites max pooling in the traced model (see the module docstring)."""
-    return bool(_core.fast_pool_enabled())
+    return _functional.fast_pool_enabled()

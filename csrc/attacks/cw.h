@@ -7,7 +7,8 @@
 #include <mutex>
 #include <vector>
 
-#include "attack.h"
+#include "core/engine.h"
+#include "core/scoring.h"
 
 namespace mlx_robust {
 

@@ -1,4 +1,4 @@
-#include "apgd.h"
+#include "attacks/apgd.h"
 
 #include <algorithm>
 #include <limits>

@@ -1,11 +1,11 @@
-#include "cw.h"
+#include "attacks/cw.h"
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <stdexcept>
 
-#include "apgd.h"
+#include "attacks/apgd.h"
 #include "mlx/compile_impl.h"
 
 namespace mlx_robust {

@@ -8,7 +8,9 @@
 #include <mutex>
 #include <vector>
 
-#include "attack.h"
+#include "core/engine.h"
+#include "core/scoring.h"
+#include "core/geometry.h"
 
 namespace mlx_robust {
 

@@ -1,6 +1,8 @@
-#include "smoothing.h"
+#include "defences/smoothing.h"
 
-#include "attack.h"
+#include "core/engine.h"
+#include "core/scoring.h"
+#include "core/graph_rewrite.h"
 
 #include <algorithm>
 #include <cmath>
@@ -14,7 +16,7 @@
 #include <utility>
 
 #include "mlx/compile_impl.h"
-#include "stats.h"
+#include "defences/stats.h"
 
 namespace mlx_robust {
 

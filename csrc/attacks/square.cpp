@@ -1,4 +1,4 @@
-#include "square.h"
+#include "attacks/square.h"
 
 #include <algorithm>
 #include <chrono>

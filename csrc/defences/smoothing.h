@@ -8,7 +8,8 @@
 #include <optional>
 #include <vector>
 
-#include "attack.h"
+#include "core/engine.h"
+#include "core/scoring.h"
 #include "mlx/mlx.h"
 
 namespace mlx_robust {

@@ -1,4 +1,4 @@
-#include "project.h"
+#include "core/geometry.h"
 
 #include <stdexcept>
 #include <string>

@@ -7,11 +7,11 @@
 
 #include <cmath>
 
-#include "apgd.h"
-#include "bind_util.h"
-#include "attack.h"
-#include "cw.h"
-#include "project.h"
+#include "attacks/apgd.h"
+#include "bind/util.h"
+#include "attacks/pgd.h"
+#include "attacks/cw.h"
+#include "core/geometry.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;

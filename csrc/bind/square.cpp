@@ -4,8 +4,8 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
-#include "bind_util.h"
-#include "square.h"
+#include "bind/util.h"
+#include "attacks/square.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;

@@ -10,8 +10,9 @@
 #include <string>
 #include <vector>
 
-#include "attack.h"
-#include "project.h"
+#include "core/engine.h"
+#include "core/scoring.h"
+#include "core/geometry.h"
 
 namespace mlx_robust {
 

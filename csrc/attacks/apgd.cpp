@@ -4,7 +4,6 @@
 #include <limits>
 #include <stdexcept>
 
-#include "mlx/compile_impl.h"
 
 namespace mlx_robust {
 
@@ -105,7 +104,6 @@ std::vector<int> apgd_checkpoints(int steps) {
 
 namespace {
 
-constexpr uint64_t kApgdTag = 0x41504744;  // keeps these entries apart from other engines' ids
 constexpr float kMomentum = 0.75f;          // Croce & Hein 2020, alpha in eq. (3)
 
 // Compiled-function input layout of the step: the per-sample state, then the fixed inputs.
@@ -384,35 +382,24 @@ AttackOutput ApgdEngine::run(
   const int nd = x0.ndim();
   const float inf = std::numeric_limits<float>::infinity();
 
-  auto constants = [&](int kind, int k) {
-    return std::vector<uint64_t>{
-        kApgdTag, static_cast<uint64_t>(kind), static_cast<uint64_t>(k),
-        static_cast<uint64_t>(cfg.norm), static_cast<uint64_t>(cfg.loss),
-        static_cast<uint64_t>(cfg.targeted), static_cast<uint64_t>(cfg.n_target_classes > 0),
-        static_cast<uint64_t>(num_classes), static_cast<uint64_t>(cfg.stochastic),
-        static_cast<uint64_t>(cfg.eot_samples), static_cast<uint64_t>(fast_pool_enabled())};
-  };
-  auto clean_fn = mx::detail::compile(
-      [this, &forward, num_classes, &cfg](const std::vector<mx::array>& in) {
-        traces_++;
-        std::vector<mx::array> params(in.begin() + 3, in.end());
-        return std::vector<mx::array>{
-            score(forward, params, in[0], num_classes, cfg.stochastic, cfg.eot_samples, in[1], in[2],
-                         nullptr, "apgd").logits};
-      },
-      id(0), false, constants(0, 0));
-  auto init = mx::detail::compile(
-      [this, &forward, num_classes, &cfg](const std::vector<mx::array>& in) {
-        traces_++;
-        return init_fn(forward, in, num_classes, cfg);
-      },
-      id(1), false, constants(1, 0));
+  const std::vector<uint64_t> settings{
+      static_cast<uint64_t>(cfg.norm), static_cast<uint64_t>(cfg.loss),
+      static_cast<uint64_t>(cfg.targeted), static_cast<uint64_t>(cfg.n_target_classes > 0),
+      static_cast<uint64_t>(num_classes), static_cast<uint64_t>(cfg.stochastic),
+      static_cast<uint64_t>(cfg.eot_samples)};
+  auto clean_fn = compile_step(0, 0, settings, [&forward, num_classes, &cfg](const std::vector<mx::array>& in) {
+    std::vector<mx::array> params(in.begin() + 3, in.end());
+    return std::vector<mx::array>{
+        score(forward, params, in[0], num_classes, cfg.stochastic, cfg.eot_samples, in[1], in[2], nullptr, "apgd")
+            .logits};
+  });
+  auto init = compile_step(1, 0, settings, [&forward, num_classes, &cfg](const std::vector<mx::array>& in) {
+    return init_fn(forward, in, num_classes, cfg);
+  });
   auto make_steps = [&](int k) {
-    auto fn = [this, &forward, k, num_classes, &cfg](const std::vector<mx::array>& in) {
-      traces_++;
+    return compile_step(2, k, settings, [&forward, k, num_classes, &cfg](const std::vector<mx::array>& in) {
       return steps_fn(forward, in, k, num_classes, cfg);
-    };
-    return mx::detail::compile(fn, id(2), false, constants(2, k));
+    });
   };
 
   const int n_targets = cfg.n_target_classes > 0 ? cfg.n_target_classes : 1;

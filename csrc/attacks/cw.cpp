@@ -6,13 +6,11 @@
 #include <stdexcept>
 
 #include "attacks/apgd.h"
-#include "mlx/compile_impl.h"
 
 namespace mlx_robust {
 
 namespace {
 
-constexpr uint64_t kCwTag = 0x43573200;  // keeps these entries apart from other engines' ids
 // Double constants so that 1 - beta rounds once, to the float nearest 0.1 (0.001).
 constexpr double kBeta1 = 0.9;
 constexpr double kBeta2 = 0.999;
@@ -191,28 +189,20 @@ AttackOutput CwEngine::run(
   }
   const float inf = std::numeric_limits<float>::infinity();
 
-  auto constants = [&](int kind, int k) {
-    return std::vector<uint64_t>{
-        kCwTag, static_cast<uint64_t>(kind), static_cast<uint64_t>(k),
-        static_cast<uint64_t>(cfg.targeted), static_cast<uint64_t>(cfg.early_abort),
-        static_cast<uint64_t>(num_classes), static_cast<uint64_t>(cfg.stochastic),
-        static_cast<uint64_t>(cfg.eot_samples), static_cast<uint64_t>(fast_pool_enabled())};
-  };
-  auto clean_fn = mx::detail::compile(
-      [this, &forward, num_classes, &cfg](const std::vector<mx::array>& in) {
-        traces_++;
-        std::vector<mx::array> params(in.begin() + 3, in.end());
-        return std::vector<mx::array>{
-            score(forward, params, in[0], num_classes, cfg.stochastic, cfg.eot_samples, in[1], in[2],
-                         nullptr, "cw").logits};
-      },
-      id(0), false, constants(0, 0));
+  const std::vector<uint64_t> settings{
+      static_cast<uint64_t>(cfg.targeted), static_cast<uint64_t>(cfg.early_abort),
+      static_cast<uint64_t>(num_classes), static_cast<uint64_t>(cfg.stochastic),
+      static_cast<uint64_t>(cfg.eot_samples)};
+  auto clean_fn = compile_step(0, 0, settings, [&forward, num_classes, &cfg](const std::vector<mx::array>& in) {
+    std::vector<mx::array> params(in.begin() + 3, in.end());
+    return std::vector<mx::array>{
+        score(forward, params, in[0], num_classes, cfg.stochastic, cfg.eot_samples, in[1], in[2], nullptr, "cw")
+            .logits};
+  });
   auto make_steps = [&](int k) {
-    auto fn = [this, &forward, k, num_classes, &cfg](const std::vector<mx::array>& in) {
-      traces_++;
+    return compile_step(1, k, settings, [&forward, k, num_classes, &cfg](const std::vector<mx::array>& in) {
       return steps_fn(forward, in, k, num_classes, cfg);
-    };
-    return mx::detail::compile(fn, id(1), false, constants(1, k));
+    });
   };
 
   // tanh change of variables; 0.999999 keeps atanh finite at the bounds (authors' code).

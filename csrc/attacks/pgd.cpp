@@ -8,7 +8,6 @@
 #include <optional>
 #include <stdexcept>
 
-#include "mlx/compile_impl.h"
 
 namespace mlx_robust {
 
@@ -283,29 +282,19 @@ AttackOutput AttackEngine::run(
   auto hi32 = mx::astype(hi, mx::float32);
   const int nd = x0.ndim();
 
-  // Configuration is part of the compile cache key; the model is tied to this engine's ids.
-  auto constants = [&](int k, int kind) {
-    return std::vector<uint64_t>{
-        static_cast<uint64_t>(kind), static_cast<uint64_t>(k),
-        static_cast<uint64_t>(cfg.norm), static_cast<uint64_t>(cfg.loss),
-        static_cast<uint64_t>(cfg.targeted), static_cast<uint64_t>(cfg.track_best),
-        static_cast<uint64_t>(num_classes), static_cast<uint64_t>(cfg.stochastic),
-        static_cast<uint64_t>(cfg.eot_samples), static_cast<uint64_t>(fast_pool_enabled()),
-        static_cast<uint64_t>(freezes(cfg))};
-  };
+  const std::vector<uint64_t> settings{
+      static_cast<uint64_t>(cfg.norm), static_cast<uint64_t>(cfg.loss),
+      static_cast<uint64_t>(cfg.targeted), static_cast<uint64_t>(cfg.track_best),
+      static_cast<uint64_t>(num_classes), static_cast<uint64_t>(cfg.stochastic),
+      static_cast<uint64_t>(cfg.eot_samples), static_cast<uint64_t>(freezes(cfg))};
   auto make_steps = [&](int k) {
-    auto fn = [this, &forward, k, num_classes, &cfg](const std::vector<mx::array>& in) {
-      traces_++;
+    return compile_step(kStep, k, settings, [&forward, k, num_classes, &cfg](const std::vector<mx::array>& in) {
       return steps_fn(forward, in, k, num_classes, cfg);
-    };
-    return mx::detail::compile(fn, step_id(), false, constants(k, 0));
+    });
   };
-  auto finish = mx::detail::compile(
-      [this, &forward, num_classes, &cfg](const std::vector<mx::array>& in) {
-        traces_++;
-        return final_fn(forward, in, num_classes, cfg);
-      },
-      eval_id(), false, constants(0, 1));
+  auto finish = compile_step(kFinish, 0, settings, [&forward, num_classes, &cfg](const std::vector<mx::array>& in) {
+    return final_fn(forward, in, num_classes, cfg);
+  });
 
   // Full-batch best state, merged into after every restart (and on every shrink).
   Best full{x0, mx::full({n}, -std::numeric_limits<float>::infinity()), mx::zeros({n}, mx::bool_),

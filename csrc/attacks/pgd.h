@@ -49,7 +49,7 @@ struct AttackConfig {
 class AttackEngine : public CompiledEngine {
   // run(): `probs` (N, num_classes) is required by the KL objective and ignored otherwise.
  public:
-  AttackEngine() : CompiledEngine(2) {}
+  AttackEngine() : CompiledEngine(0x504744, 2) {}  // "PGD"
 
   AttackOutput run(
       const ForwardFn& forward,
@@ -67,12 +67,7 @@ class AttackEngine : public CompiledEngine {
       const std::optional<mx::array>& rows = std::nullopt);
 
  private:
-  std::uintptr_t step_id() const {
-    return id(0);
-  }
-  std::uintptr_t eval_id() const {
-    return id(1);
-  }
+  enum Kind : int { kStep = 0, kFinish = 1 };  // compile_step kinds
 };
 
 } // namespace mlx_robust

@@ -7,7 +7,6 @@
 #include <numeric>
 #include <stdexcept>
 
-#include "mlx/compile_impl.h"
 
 namespace mlx_robust {
 
@@ -83,7 +82,6 @@ InitTiles l2_init_tiles(int h, int w) {
 
 constexpr int kLevels = 10;  // p_init / 2^0 .. p_init / 2^9
 constexpr float kUnchanged = 1e-7f;  // the official code's "this draw changes nothing" tolerance
-constexpr uint64_t kTag = 0x5351554152450000ull;  // "SQUARE": keeps our cache entries apart
 
 
 struct SquareScore {
@@ -486,26 +484,17 @@ SquareOutput SquareEngine::run(
     table = mx::array(t.data(), {2 * kLevels, h * w}, mx::float32);
   }
 
-  auto constants = [&](int kind, int k) {
-    return std::vector<uint64_t>{
-        kTag, static_cast<uint64_t>(kind), static_cast<uint64_t>(k),
-        static_cast<uint64_t>(cfg.norm), static_cast<uint64_t>(cfg.loss),
-        static_cast<uint64_t>(cfg.targeted), static_cast<uint64_t>(num_classes),
-        static_cast<uint64_t>(cfg.stochastic), static_cast<uint64_t>(fast_pool_enabled())};
-  };
-  auto init = mx::detail::compile(
-      [this, &forward, num_classes, &cfg](const std::vector<mx::array>& in) {
-        traces_++;
-        return init_fn(forward, in, num_classes, cfg);
-      },
-      init_id(), false, constants(0, 0));
+  const std::vector<uint64_t> settings{
+      static_cast<uint64_t>(cfg.norm), static_cast<uint64_t>(cfg.loss),
+      static_cast<uint64_t>(cfg.targeted), static_cast<uint64_t>(num_classes),
+      static_cast<uint64_t>(cfg.stochastic)};
+  auto init = compile_step(kInit, 0, settings, [&forward, num_classes, &cfg](const std::vector<mx::array>& in) {
+    return init_fn(forward, in, num_classes, cfg);
+  });
   auto make_step = [&](int k) {
-    return mx::detail::compile(
-        [this, &forward, k, num_classes, &cfg](const std::vector<mx::array>& in) {
-          traces_++;
-          return step_fn(forward, in, k, num_classes, cfg);
-        },
-        step_id(), false, constants(1, k));
+    return compile_step(kStep, k, settings, [&forward, k, num_classes, &cfg](const std::vector<mx::array>& in) {
+      return step_fn(forward, in, k, num_classes, cfg);
+    });
   };
 
   std::vector<mx::array> full;

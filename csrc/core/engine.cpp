@@ -152,6 +152,18 @@ void UnrollCache::clear() {
   by_shape_.clear();
 }
 
+CompiledEngine::StepFn CompiledEngine::compile_step(int kind, int k, const std::vector<uint64_t>& settings,
+                                                    StepFn fn) {
+  std::vector<uint64_t> constants{tag_, static_cast<uint64_t>(kind), static_cast<uint64_t>(k)};
+  constants.insert(constants.end(), settings.begin(), settings.end());
+  constants.push_back(static_cast<uint64_t>(fast_pool_enabled()));
+  auto counted = [this, fn = std::move(fn)](const std::vector<mx::array>& in) {
+    traces_++;
+    return fn(in);
+  };
+  return mx::detail::compile(counted, id(kind), false, constants);
+}
+
 void erase_compiled(const std::vector<std::uintptr_t>& ids) {
   auto cache = mx::detail::compile_cache();
   for (auto id : ids) {

@@ -117,11 +117,15 @@ class UnrollCache {
 
 /**
  * What every compiled engine shares: compile-cache ids derived from its address (`num_ids` of
- * them: id(0), id(1), ...), a trace counter and an unroll cache. Not copyable: the ids are the
- * object's address. The destructor hands the ids to release_compiled.
+ * them: id(0), id(1), ...), a tag that keeps its cache entries apart from another engine's at the
+ * same address, a trace counter and an unroll cache. Not copyable: the ids are the object's
+ * address. The destructor hands the ids to release_compiled.
  */
 class CompiledEngine {
  public:
+  /** A function as MLX compiles it: arrays in, arrays out. */
+  using StepFn = std::function<std::vector<mx::array>(const std::vector<mx::array>&)>;
+
   CompiledEngine(const CompiledEngine&) = delete;
   CompiledEngine& operator=(const CompiledEngine&) = delete;
 
@@ -150,7 +154,9 @@ class CompiledEngine {
   }
 
  protected:
-  explicit CompiledEngine(int num_ids) : num_ids_(num_ids) {}
+  /** `tag`: the engine's own word ("PGD", "APGD", ...) in every compile key; `num_ids`: kinds of
+      compiled function (compile_step's `kind` < num_ids). */
+  CompiledEngine(uint64_t tag, int num_ids) : tag_(tag), num_ids_(num_ids) {}
   ~CompiledEngine() {
     release_compiled(ids());
   }
@@ -158,6 +164,13 @@ class CompiledEngine {
   std::uintptr_t id(int k) const {
     return reinterpret_cast<std::uintptr_t>(this) + k;
   }
+
+  /**
+   * `fn` compiled (not shapeless) under id(kind) and the key (engine tag, kind, k, settings..., fast
+   * pooling on): the model is tied to this engine's ids, the configuration is part of the key. Every
+   * trace counts in trace_count().
+   */
+  StepFn compile_step(int kind, int k, const std::vector<uint64_t>& settings, StepFn fn);
 
   std::atomic<int> traces_{0};
   UnrollCache unrolls_;
@@ -171,6 +184,7 @@ class CompiledEngine {
     return out;
   }
 
+  uint64_t tag_;
   int num_ids_;
 };
 

@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <limits>
+#include <numeric>
 #include <optional>
 #include <stdexcept>
 
@@ -48,23 +49,6 @@ namespace {
 // PROBS (N, C): clean probabilities for the KL objective, a dummy otherwise.
 // ROWS (N,): each row's global sample index (keys a stochastic model's per-row draws).
 enum Slot : int { X = 0, BX, BL, BS, BZ, X0, Y, EPS, ALPHA, LO, HI, STEP_KEYS, PROBS, ROWS, T0, NUM_SLOTS };
-
-struct Best {
-  mx::array x, loss, success, logits;
-};
-
-// Keep the first success; among failures keep the highest objective. NaN never replaces.
-Best keep_best(const Best& old, const Best& cand, int ndim) {
-  auto take_new = mx::logical_and(
-      mx::logical_not(old.success),
-      mx::logical_or(cand.success, mx::greater(cand.loss, old.loss)));
-  auto col = mx::expand_dims(take_new, -1);
-  return {
-      mx::where(per_sample(take_new, ndim), cand.x, old.x),
-      mx::where(take_new, cand.loss, old.loss),
-      mx::logical_or(old.success, cand.success),
-      mx::where(col, cand.logits, old.logits)};
-}
 
 // Per step within a restart: a sample's first successful iterate is kept (x and logits); the
 // objective's value of the kept iterate is derived once, at the end of the restart.
@@ -201,9 +185,135 @@ std::vector<mx::array> final_fn(
   return {in[X], best.x, best.loss, best.success, best.logits};
 }
 
-mx::array take_rows(const mx::array& a, const mx::array& idx) {
-  return mx::take(a, idx, 0);
+void check_config(const AttackConfig& cfg, const mx::array& x, const mx::array& y, int num_classes,
+                  const mx::array& eps, const mx::array& step_size, const std::optional<mx::array>& probs) {
+  if (x.ndim() < 2 || x.shape(0) < 1) {
+    throw std::invalid_argument("[attack] x must be a non-empty batch of rank >= 2");
+  }
+  if (!mx::issubdtype(x.dtype(), mx::floating)) {
+    throw std::invalid_argument("[attack] x must be floating point");
+  }
+  const int n = x.shape(0);
+  if (y.ndim() != 1 || y.shape(0) != n) {
+    throw std::invalid_argument("[attack] y must have shape (N,) matching x");
+  }
+  if (eps.ndim() != 1 || eps.shape(0) != n || step_size.ndim() != 1 || step_size.shape(0) != n) {
+    throw std::invalid_argument("[attack] eps and step_size must have shape (N,)");
+  }
+  if (num_classes < 1) {
+    throw std::invalid_argument("[attack] num_classes must be >= 1");
+  }
+  if (!mx::issubdtype(y.dtype(), mx::integer)) {
+    throw std::invalid_argument("[attack] y must hold integer class labels");
+  }
+  if (cfg.steps < 1 || cfg.restarts < 1) {
+    throw std::invalid_argument("[attack] steps and restarts must be >= 1");
+  }
+  if (cfg.early_stop && !cfg.track_best) {
+    throw std::invalid_argument("[attack] early_stop needs track_best (it would change the result)");
+  }
+  if (cfg.loss == LossKind::KL &&
+      (!probs || probs->ndim() != 2 || probs->shape(0) != n || probs->shape(1) != num_classes)) {
+    throw std::invalid_argument("[attack] loss 'kl' needs probs of shape (N, num_classes)");
+  }
+  if (cfg.eot_samples < 1) {
+    throw std::invalid_argument("[attack] eot_samples must be >= 1");
+  }
+  if (cfg.unroll < 0) {
+    throw std::invalid_argument("[attack] unroll must be >= 0");
+  }
 }
+
+// One call of AttackEngine::run: the restarts over a working batch, merged into `full`.
+struct PgdRun {
+  const AttackConfig& cfg;
+  const std::vector<mx::array>& params;
+  CompiledEngine::StepFn finish;
+  std::function<CompiledEngine::StepFn(int)> make_steps;
+  ChunkedLoop& loop;
+  int n, num_classes;
+  mx::array x0, y, eps, alpha, probs, lo, hi, sample_idx;
+  HostKey user_key, noise_key;
+  Best full;
+  PhaseTimer& timer;
+  bool merged = false;  // has `full` received a working batch yet?
+
+  // Restart r over the samples `active` (all of them, or those not yet successful).
+  void restart(int r, std::vector<int> active) {
+    auto start_all = cfg.random_start
+        ? random_start(x0, eps, lo, hi, cfg.norm, key_array(split_key(user_key, cfg.restarts, r)))
+        : x0;
+    // Keys of steps [t, t + k) of split(noise key of restart r, steps + 1) (row `steps` scores the
+    // last iterate); a dummy for a deterministic model.
+    const HostKey restart_noise = cfg.stochastic ? split_key(noise_key, cfg.restarts, r) : HostKey{0, 0};
+    const auto no_keys = mx::zeros({1, 2}, mx::uint32);
+    auto keys_of = [&](int64_t t, int64_t k) {
+      return cfg.stochastic ? split_rows(restart_noise, static_cast<int64_t>(cfg.steps) + 1, t, t + k) : no_keys;
+    };
+    WorkingBatch batch(n, std::move(active));
+    // A new restart competes from scratch; flush() keeps the earlier best.
+    auto start = batch.take(start_all);
+    const int size = batch.size();
+    std::vector<mx::array> state{start, start, mx::full({size}, -std::numeric_limits<float>::infinity()),
+                                 mx::zeros({size}, mx::bool_), mx::zeros({size, num_classes}, mx::float32)};
+    std::vector<mx::array> fixed;  // x0, y, eps, alpha, lo, hi, keys, probs, rows
+    auto refill = [&] {
+      fixed = {batch.take(x0), batch.take(y), batch.take(eps), batch.take(alpha), lo, hi, keys_of(0, 1),
+               cfg.loss == LossKind::KL ? batch.take(probs) : probs, batch.take(sample_idx)};
+    };
+    refill();
+    int done = 0;
+    auto inputs_of = [&](const std::vector<mx::array>& st) {
+      std::vector<mx::array> in(st);
+      in.insert(in.end(), fixed.begin(), fixed.end());
+      in.push_back(mx::array(done, mx::int32));
+      in.insert(in.end(), params.begin(), params.end());
+      return in;
+    };
+    std::optional<mx::array> prev_success;
+    auto chunk = [&](int k) {
+      prev_success = state[BS];
+      fixed[STEP_KEYS - X0] = keys_of(done, k);
+      state = make_steps(k)(inputs_of(state));
+      mx::async_eval(state);
+    };
+    auto between = [&] {
+      if (!cfg.early_stop) {
+        return true;
+      }
+      // Successes known one chunk ago (the new chunk is already queued behind them).
+      auto dropped = batch.drop(*prev_success, state, [&] {
+        flush(batch, state, fixed, false);
+        mx::eval({full.x, full.loss, full.success, full.logits});
+      });
+      if (dropped == WorkingBatch::Drop::shrunk) {
+        refill();
+      }
+      return dropped != WorkingBatch::Drop::empty;
+    };
+    loop.run(done, chunk, [&] { mx::eval(state); }, between);
+    timer.mark("steps");
+    fixed[STEP_KEYS - X0] = keys_of(cfg.steps, 1);
+    state = finish(inputs_of(state));
+    flush(batch, state, fixed, true);
+  }
+
+  // Merge the working batch's best into the full arrays (first occurrence of each row).
+  void flush(const WorkingBatch& batch, const std::vector<mx::array>& state, const std::vector<mx::array>& fixed,
+             bool restart_done) {
+    Best cand{state[1], state[2], state[3], state[4]};
+    if (cfg.track_best && !restart_done) {
+      // Mid-restart (rows leaving on early stop): the objective of the kept iterates, and
+      // no claim for rows not yet successful.
+      cand.loss = mx::where(cand.success, kept_objective(cand, fixed[1], cfg, fixed[7]),
+                            mx::array(-std::numeric_limits<float>::infinity()));
+    }
+    cand = batch.to_full(cand);
+    // The first restart has nothing to compete with.
+    full = (cfg.track_best && merged) ? keep_best(full, cand, x0.ndim()) : cand;
+    merged = true;
+  }
+};
 
 } // namespace
 
@@ -223,42 +333,8 @@ AttackOutput AttackEngine::run(
     const std::optional<mx::array>& rows_in) {
   PhaseTimer timer;
   // Argument checks: the Python layer checks first, but this layer never trusts its caller.
-  if (x0_in.ndim() < 2 || x0_in.shape(0) < 1) {
-    throw std::invalid_argument("[attack] x must be a non-empty batch of rank >= 2");
-  }
-  if (!mx::issubdtype(x0_in.dtype(), mx::floating)) {
-    throw std::invalid_argument("[attack] x must be floating point");
-  }
+  check_config(cfg, x0_in, y_in, num_classes, eps_in, step_size_in, probs_in);
   const int n = x0_in.shape(0);
-  if (y_in.ndim() != 1 || y_in.shape(0) != n) {
-    throw std::invalid_argument("[attack] y must have shape (N,) matching x");
-  }
-  if (eps_in.ndim() != 1 || eps_in.shape(0) != n || step_size_in.ndim() != 1 ||
-      step_size_in.shape(0) != n) {
-    throw std::invalid_argument("[attack] eps and step_size must have shape (N,)");
-  }
-  if (num_classes < 1) {
-    throw std::invalid_argument("[attack] num_classes must be >= 1");
-  }
-  if (!mx::issubdtype(y_in.dtype(), mx::integer)) {
-    throw std::invalid_argument("[attack] y must hold integer class labels");
-  }
-  if (cfg.steps < 1 || cfg.restarts < 1) {
-    throw std::invalid_argument("[attack] steps and restarts must be >= 1");
-  }
-  if (cfg.early_stop && !cfg.track_best) {
-    throw std::invalid_argument("[attack] early_stop needs track_best (it would change the result)");
-  }
-  if (cfg.loss == LossKind::KL &&
-      (!probs_in || probs_in->ndim() != 2 || probs_in->shape(0) != n || probs_in->shape(1) != num_classes)) {
-    throw std::invalid_argument("[attack] loss 'kl' needs probs of shape (N, num_classes)");
-  }
-  if (cfg.eot_samples < 1) {
-    throw std::invalid_argument("[attack] eot_samples must be >= 1");
-  }
-  if (cfg.unroll < 0) {
-    throw std::invalid_argument("[attack] unroll must be >= 0");
-  }
   auto sample_idx = sample_rows(rows_in, n, "attack");
   AttackInputs inputs(x0_in, y_in, num_classes, lo, hi, &eps_in);
   inputs.step_size = &step_size_in;
@@ -275,12 +351,6 @@ AttackOutput AttackEngine::run(
   // range (no gather or compare can go out of bounds, whatever the caller passed).
   auto y_raw = mx::astype(y_in, mx::int64);
   auto y = mx::astype(mx::clip(y_raw, mx::array(0, mx::int64), mx::array(num_classes - 1, mx::int64)), mx::int32);
-  auto eps = mx::astype(eps_in, mx::float32);
-  auto alpha = mx::astype(step_size_in, mx::float32);
-  auto probs = cfg.loss == LossKind::KL ? mx::astype(*probs_in, mx::float32) : mx::zeros({1, 1}, mx::float32);
-  auto lo32 = mx::astype(lo, mx::float32);
-  auto hi32 = mx::astype(hi, mx::float32);
-  const int nd = x0.ndim();
 
   const std::vector<uint64_t> settings{
       static_cast<uint64_t>(cfg.norm), static_cast<uint64_t>(cfg.loss),
@@ -295,197 +365,37 @@ AttackOutput AttackEngine::run(
   auto finish = compile_step(kFinish, 0, settings, [&forward, num_classes, &cfg](const std::vector<mx::array>& in) {
     return final_fn(forward, in, num_classes, cfg);
   });
-
-  // Full-batch best state, merged into after every restart (and on every shrink).
-  Best full{x0, mx::full({n}, -std::numeric_limits<float>::infinity()), mx::zeros({n}, mx::bool_),
-            mx::zeros({n, num_classes}, mx::float32)};
+  ChunkedLoop loop(unrolls_, x0.shape(), cfg.steps, cfg.unroll);
   // Random starts use split(key, restarts); a stochastic model's draws use keys split from the
   // other half of split(key), one per step of each restart, so neither depends on the unroll depth.
   // Derived on the host (split_key, bit-identical to mx::random::split), so that no array grows
   // with `restarts` or `steps`: a chunk receives only its own steps' keys.
   const HostKey user_key = host_key(key, "attack");
-  const HostKey noise_key = split_key(user_key, 2, 1);
-
-  int unroll = cfg.unroll;
-  if (unroll == 0) {
-    unroll = chosen_unroll(x0.shape());
-  }
-  bool measure = unroll == 0;  // first call for this shape: time one step, then choose
-
+  // Full-batch best state, merged into after every restart (and on every shrink).
+  PgdRun pgd{cfg, params, finish, make_steps, loop, n, num_classes, x0, y,
+             mx::astype(eps_in, mx::float32), mx::astype(step_size_in, mx::float32),
+             cfg.loss == LossKind::KL ? mx::astype(*probs_in, mx::float32) : mx::zeros({1, 1}, mx::float32),
+             mx::astype(lo, mx::float32), mx::astype(hi, mx::float32), sample_idx, user_key,
+             split_key(user_key, 2, 1),
+             Best{x0, mx::full({n}, -std::numeric_limits<float>::infinity()), mx::zeros({n}, mx::bool_),
+                  mx::zeros({n, num_classes}, mx::float32)},
+             timer};
   timer.mark("setup");
-  bool merged = false;  // has `full` received a working batch yet?
   try {
     for (int r = 0; r < cfg.restarts; ++r) {
-      // Active set: every sample, or those not yet successful.
-      std::vector<int> active;
+      std::vector<int> active(n);
+      std::iota(active.begin(), active.end(), 0);
       if (cfg.early_stop && r > 0) {
-        mx::eval(full.success);
-        auto s = full.success.data<bool>();
-        for (int i = 0; i < n; ++i) {
-          if (!s[i]) {
-            active.push_back(i);
-          }
-        }
+        active = WorkingBatch(n).unsucceeded(pgd.full.success);
         if (active.empty()) {
           break;
         }
-      } else {
-        for (int i = 0; i < n; ++i) {
-          active.push_back(i);
-        }
       }
-
-      auto start_all = cfg.random_start
-          ? random_start(x0, eps, lo32, hi32, cfg.norm, key_array(split_key(user_key, cfg.restarts, r)))
-          : x0;
-
-      // Keys of steps [t, t + k) of split(noise key of restart r, steps + 1) (row `steps` scores the
-      // last iterate); a dummy for a deterministic model.
-      const HostKey restart_noise = cfg.stochastic ? split_key(noise_key, cfg.restarts, r) : HostKey{0, 0};
-      const auto no_keys = mx::zeros({1, 2}, mx::uint32);
-      auto keys_of = [&](int64_t t, int64_t k) {
-        return cfg.stochastic ? split_rows(restart_noise, static_cast<int64_t>(cfg.steps) + 1, t, t + k) : no_keys;
-      };
-      auto step_keys = keys_of(0, 1);
-
-      // Working batch: the active samples, padded with copies to a power of two so that a
-      // shrinking batch retraces at most log2(N) times.
-      std::vector<int> rows;
-      bool identity = false;
-      std::vector<mx::array> state;  // x, bx, bl, bs, bz
-      std::vector<mx::array> fixed;  // x0, y, eps, alpha, lo, hi
-      auto gather = [&](const std::vector<mx::array>& from_state, bool fresh) {
-        int size = active.size() == static_cast<size_t>(n) ? n : std::min(n, next_pow2(active.size()));
-        std::vector<int> new_rows(active);
-        while (static_cast<int>(new_rows.size()) < size) {
-          new_rows.push_back(active[0]);
-        }
-        auto new_idx = mx::array(new_rows.data(), {size}, mx::int32);
-        identity = size == n && static_cast<int>(active.size()) == n;
-        for (int p = 0; identity && p < n; ++p) {
-          identity = new_rows[p] == p;
-        }
-        // The common case (no early stop yet): use the full arrays as they are, no gathers.
-        auto rows_of = [&](const mx::array& a) { return identity ? a : take_rows(a, new_idx); };
-        if (fresh) {
-          // A new restart competes from scratch; the merge below keeps the earlier best.
-          auto start = rows_of(start_all);
-          state = {start, start, mx::full({size}, -std::numeric_limits<float>::infinity()),
-                   mx::zeros({size}, mx::bool_), mx::zeros({size, num_classes}, mx::float32)};
-        } else {
-          // Map new rows to their position in the old working batch.
-          std::vector<int> pos_of(n, -1);
-          for (int p = static_cast<int>(rows.size()) - 1; p >= 0; --p) {
-            pos_of[rows[p]] = p;
-          }
-          std::vector<int> sel;
-          for (int i : new_rows) {
-            sel.push_back(pos_of[i]);
-          }
-          auto sel_idx = mx::array(sel.data(), {size}, mx::int32);
-          std::vector<mx::array> s;
-          for (auto& a : from_state) {
-            s.push_back(take_rows(a, sel_idx));
-          }
-          state = s;
-        }
-        fixed = {rows_of(x0), rows_of(y), rows_of(eps), rows_of(alpha), lo32, hi32, step_keys,
-                 cfg.loss == LossKind::KL ? rows_of(probs) : probs, rows_of(sample_idx)};
-        rows = new_rows;
-      };
-      gather({}, true);
-
-      int done = 0;
-      auto inputs_of = [&](const std::vector<mx::array>& st) {
-        std::vector<mx::array> in(st);
-        in.insert(in.end(), fixed.begin(), fixed.end());
-        in.push_back(mx::array(done, mx::int32));
-        in.insert(in.end(), params.begin(), params.end());
-        return in;
-      };
-      auto run_chunk = [&](int k) {
-        check_interrupt();
-        fixed[STEP_KEYS - X0] = keys_of(done, k);
-        state = make_steps(k)(inputs_of(state));
-        mx::async_eval(state);
-      };
-
-      // Merge the working batch's best into the full arrays (first occurrence of each row).
-      auto flush = [&](bool restart_done) {
-        Best cand{state[1], state[2], state[3], state[4]};
-        if (cfg.track_best && !restart_done) {
-          // Mid-restart (rows leaving on early stop): the objective of the kept iterates, and
-          // no claim for rows not yet successful.
-          cand.loss = mx::where(cand.success, kept_objective(cand, fixed[1], cfg, fixed[7]),
-                                mx::array(-std::numeric_limits<float>::infinity()));
-        }
-        if (!identity) {
-          std::vector<int> pos(n, 0);
-          std::vector<uint8_t> present(n, 0);
-          for (int p = static_cast<int>(active.size()) - 1; p >= 0; --p) {
-            pos[active[p]] = p;
-            present[active[p]] = 1;
-          }
-          auto pos_idx = mx::array(pos.data(), {n}, mx::int32);
-          auto mask = mx::astype(mx::array(present.begin(), {n}, mx::uint8), mx::bool_);
-          // Rows absent from the working batch compete with -inf and no success: never win.
-          cand = {take_rows(cand.x, pos_idx),
-                  mx::where(mask, take_rows(cand.loss, pos_idx),
-                            mx::array(-std::numeric_limits<float>::infinity())),
-                  mx::logical_and(take_rows(cand.success, pos_idx), mask),
-                  take_rows(cand.logits, pos_idx)};
-        }
-        // The first restart has nothing to compete with.
-        full = (cfg.track_best && merged) ? keep_best(full, cand, nd) : cand;
-        merged = true;
-      };
-
-      if (measure) {
-        // Unroll deep only where steps are cheap (host-bound): unrolling slows compute-bound models.
-        unroll = unrolls_.measure(x0.shape(), cfg.steps, done, [&] {
-          run_chunk(1);
-          mx::eval(state);
-        });
-        measure = false;
-      }
-
-      while (done < cfg.steps) {
-        // Full chunks of `unroll` steps, then single steps: only two step graphs per shape, so a
-        // later call with another step count never traces again.
-        int k = cfg.steps - done >= unroll ? unroll : 1;
-        auto prev_success = state[3];
-        run_chunk(k);
-        done += k;
-        if (cfg.early_stop && done < cfg.steps) {
-          // Successes known one chunk ago (the new chunk is already queued behind them).
-          mx::eval(prev_success);
-          auto s = prev_success.data<bool>();
-          std::vector<int> still;
-          for (size_t p = 0; p < active.size(); ++p) {
-            if (!s[p]) {
-              still.push_back(active[p]);
-            }
-          }
-          if (still.empty()) {
-            break;
-          }
-          int size = static_cast<int>(rows.size());
-          if (static_cast<int>(still.size()) * 2 <= size) {
-            flush(false);  // the leaving rows' results live only in the working batch
-            mx::eval({full.x, full.loss, full.success, full.logits});
-            active = still;
-            gather(state, false);
-          }
-        }
-      }
-      timer.mark("steps");
-      fixed[STEP_KEYS - X0] = keys_of(cfg.steps, 1);
-      state = finish(inputs_of(state));
-      flush(true);
+      pgd.restart(r, std::move(active));
       timer.mark("finish");
       if (r + 1 < cfg.restarts) {
         // The next restart reads full.success only with early stop (and evaluates it then).
-        mx::async_eval({full.x, full.loss, full.success, full.logits});
+        mx::async_eval({pgd.full.x, pgd.full.loss, pgd.full.success, pgd.full.logits});
       }
     }
   } catch (...) {
@@ -495,6 +405,7 @@ AttackOutput AttackEngine::run(
   }
 
   // One host round trip for the whole result, the label check included.
+  const auto& full = pgd.full;
   auto norms = batch_norm_of(mx::subtract(full.x, x0), cfg.norm);
   auto x_adv = mx::astype(full.x, x0_in.dtype());
   std::vector<mx::array> outputs{x_adv, norms, full.success, full.loss, full.logits};

@@ -4,6 +4,7 @@
 #include <optional>
 #include <vector>
 
+#include "core/batch.h"
 #include "core/engine.h"
 #include "core/geometry.h"
 #include "core/graph_rewrite.h"

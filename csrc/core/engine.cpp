@@ -164,6 +164,32 @@ CompiledEngine::StepFn CompiledEngine::compile_step(int kind, int k, const std::
   return mx::detail::compile(counted, id(kind), false, constants);
 }
 
+ChunkedLoop::ChunkedLoop(UnrollCache& cache, const mx::Shape& shape, int steps, int unroll)
+    : cache_(cache), shape_(shape), steps_(steps), unroll_(unroll > 0 ? unroll : cache.get(shape)) {}
+
+void ChunkedLoop::run(int& done, const std::function<void(int)>& chunk, const std::function<void()>& wait,
+                      const std::function<bool()>& between) {
+  auto interruptible = [&](int k) {
+    check_interrupt();
+    chunk(k);
+  };
+  if (unroll_ == 0) {
+    // Unroll deep only where steps are cheap (host-bound): unrolling slows compute-bound models.
+    unroll_ = cache_.measure(shape_, steps_, done, [&] {
+      interruptible(1);
+      wait();
+    });
+  }
+  while (done < steps_) {
+    int k = steps_ - done >= unroll_ ? unroll_ : 1;
+    interruptible(k);
+    done += k;
+    if (done < steps_ && !between()) {
+      break;
+    }
+  }
+}
+
 void erase_compiled(const std::vector<std::uintptr_t>& ids) {
   auto cache = mx::detail::compile_cache();
   for (auto id : ids) {

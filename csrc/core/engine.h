@@ -188,6 +188,32 @@ class CompiledEngine {
   int num_ids_;
 };
 
+/**
+ * The step loop of every engine: steps [done, steps) as compiled chunks of `unroll` steps, the
+ * remainder one step at a time (two step functions per shape, whatever the step count). With
+ * unroll 0 and no depth chosen yet for `shape`, the first run traces one step and times a second
+ * (UnrollCache::measure). Before each chunk check_interrupt() lets Ctrl-C through.
+ */
+class ChunkedLoop {
+ public:
+  /** `unroll`: the caller's setting (0: the cache's choice for `shape`, or measure it). */
+  ChunkedLoop(UnrollCache& cache, const mx::Shape& shape, int steps, int unroll);
+
+  /**
+   * From `done` to the last step: `chunk(k)` queues k steps from `done` (run_step for measuring:
+   * chunk(1) then `wait()` for it); after a chunk that leaves steps to run, `between()` may stop
+   * the loop by returning false.
+   */
+  void run(int& done, const std::function<void(int)>& chunk, const std::function<void()>& wait,
+           const std::function<bool()>& between);
+
+ private:
+  UnrollCache& cache_;
+  mx::Shape shape_;
+  int steps_;
+  int unroll_;
+};
+
 /** Smallest power of two >= n (shrinking working batches retrace at most log2(N) times). */
 int next_pow2(int n);
 

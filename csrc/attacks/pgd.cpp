@@ -383,8 +383,7 @@ AttackOutput AttackEngine::run(
   timer.mark("setup");
   try {
     for (int r = 0; r < cfg.restarts; ++r) {
-      std::vector<int> active(n);
-      std::iota(active.begin(), active.end(), 0);
+      std::vector<int> active = every_row(n);
       if (cfg.early_stop && r > 0) {
         active = WorkingBatch(n).unsucceeded(pgd.full.success);
         if (active.empty()) {

@@ -20,6 +20,12 @@ Best keep_best(const Best& old, const Best& cand, int ndim) {
       mx::where(mx::expand_dims(take_new, -1), cand.logits, old.logits)};
 }
 
+std::vector<int> every_row(int n) {
+  std::vector<int> rows(n);
+  std::iota(rows.begin(), rows.end(), 0);
+  return rows;
+}
+
 std::vector<uint8_t> host_flags(const mx::array& a) {
   mx::eval(a);
   if (a.dtype() == mx::bool_ && a.flags().row_contiguous) {
@@ -32,8 +38,7 @@ std::vector<uint8_t> host_flags(const mx::array& a) {
   return std::vector<uint8_t>(p, p + c.size());
 }
 
-WorkingBatch::WorkingBatch(int n) : n_(n), active_(n) {
-  std::iota(active_.begin(), active_.end(), 0);
+WorkingBatch::WorkingBatch(int n) : n_(n), active_(every_row(n)) {
   select();
 }
 

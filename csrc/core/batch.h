@@ -20,6 +20,9 @@ struct Best {
     replaces). `ndim` is x's rank. */
 Best keep_best(const Best& old, const Best& cand, int ndim);
 
+/** 0, 1, ..., n - 1: every sample of a batch of n. */
+std::vector<int> every_row(int n);
+
 /** An (N,) bool array's flags on the host (evaluated here), whatever its strides. */
 std::vector<uint8_t> host_flags(const mx::array& a);
 

@@ -1,5 +1,7 @@
 #include "attacks/square.h"
 
+#include "core/batch.h"
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -526,86 +528,24 @@ SquareOutput SquareEngine::run(
       return mx::array(words.begin(), {k, 2}, mx::uint32);
     };
 
-    // Working batch: the samples still being attacked (positions 0 .. active.size() - 1), padded
-    // with copies of the first to a power of two so a shrinking batch retraces at most log2(N) times.
-    std::vector<int> active(n);
-    std::iota(active.begin(), active.end(), 0);
-    std::vector<int> rows = active;
-    bool identity = true;
+    // Working batch: the samples still being attacked, shrunk on early stop (core/batch.h).
+    WorkingBatch batch(n);
     std::vector<mx::array> state = full;
     std::vector<mx::array> fixed{x0, y, eps, ids, sample_idx};
-
-    auto flush = [&]() {
-      if (identity) {
-        full = state;
-        return;
+    auto flush = [&] { full = batch.merge(state, full); };
+    // Early stop: drop the samples that `success` marks; false once none is left.
+    auto keep_going = [&](const mx::array& success) {
+      auto dropped = batch.drop(success, state, [&] {
+        flush();
+        mx::eval(full);
+      });
+      if (dropped == WorkingBatch::Drop::shrunk) {
+        fixed = {batch.take(x0), batch.take(y), batch.take(eps), batch.take(ids), batch.take(sample_idx)};
       }
-      std::vector<int> pos(n, 0);
-      std::vector<uint8_t> present(n, 0);
-      for (int p = static_cast<int>(active.size()) - 1; p >= 0; --p) {
-        pos[active[p]] = p;
-        present[active[p]] = 1;
-      }
-      auto pos_idx = mx::array(pos.data(), {n}, mx::int32);
-      auto mask = mx::astype(mx::array(present.begin(), {n}, mx::uint8), mx::bool_);
-      for (size_t a = 0; a < full.size(); ++a) {
-        auto m = mx::reshape(mask, [&] {
-          mx::Shape sh(full[a].ndim(), 1);
-          sh[0] = n;
-          return sh;
-        }());
-        full[a] = mx::where(m, mx::take(state[a], pos_idx, 0), full[a]);
-      }
-    };
-    auto shrink = [&](const std::vector<int>& still) {
-      flush();
-      mx::eval(full);
-      int size = std::min(n, next_pow2(static_cast<int>(still.size())));
-      std::vector<int> new_rows(still);
-      while (static_cast<int>(new_rows.size()) < size) {
-        new_rows.push_back(still[0]);
-      }
-      std::vector<int> pos_of(n, -1);
-      for (int p = static_cast<int>(rows.size()) - 1; p >= 0; --p) {
-        pos_of[rows[p]] = p;
-      }
-      std::vector<int> sel;
-      for (int i : new_rows) {
-        sel.push_back(pos_of[i]);
-      }
-      auto sel_idx = mx::array(sel.data(), {size}, mx::int32);
-      auto row_idx = mx::array(new_rows.data(), {size}, mx::int32);
-      for (auto& a : state) {
-        a = mx::take(a, sel_idx, 0);
-      }
-      fixed = {mx::take(x0, row_idx, 0), mx::take(y, row_idx, 0), mx::take(eps, row_idx, 0),
-               mx::take(ids, row_idx, 0), mx::take(sample_idx, row_idx, 0)};
-      rows = new_rows;
-      active = still;
-      identity = false;
-    };
-    // Samples of the working batch not yet successful according to `success`.
-    auto still_active = [&](const mx::array& success) {
-      mx::eval(success);
-      auto s = success.data<bool>();
-      std::vector<int> still;
-      for (size_t p = 0; p < active.size(); ++p) {
-        if (!s[p]) {
-          still.push_back(active[p]);
-        }
-      }
-      return still;
+      return dropped != WorkingBatch::Drop::empty;
     };
 
-    bool finished = false;
-    if (cfg.early_stop && iters > 0) {
-      auto still = still_active(state[BS]);
-      if (still.empty()) {
-        finished = true;
-      } else if (static_cast<int>(still.size()) * 2 <= static_cast<int>(rows.size())) {
-        shrink(still);
-      }
-    }
+    bool finished = cfg.early_stop && iters > 0 && !keep_going(state[BS]);
     std::vector<int32_t> info(static_cast<size_t>(k) * 3);
     for (int64_t t = 0; !finished && t < iters; t += k) {
       check_interrupt();
@@ -623,15 +563,9 @@ SquareOutput SquareEngine::run(
       auto prev_success = state[BS];
       state = step(in);
       mx::async_eval(state);
-      if (cfg.early_stop && t + k < iters) {
-        // Successes known one chunk ago (the new chunk is already queued behind them).
-        auto still = still_active(prev_success);
-        if (still.empty()) {
-          break;
-        }
-        if (static_cast<int>(still.size()) * 2 <= static_cast<int>(rows.size())) {
-          shrink(still);
-        }
+      // Successes known one chunk ago (the new chunk is already queued behind them).
+      if (cfg.early_stop && t + k < iters && !keep_going(prev_success)) {
+        break;
       }
     }
     flush();

@@ -217,8 +217,7 @@ AttackOutput CwEngine::run(
   auto lr = mx::array(cfg.lr);
   auto period = mx::array(std::max(cfg.steps / 10, 1), mx::int32);
 
-  int unroll = cfg.unroll > 0 ? cfg.unroll : chosen_unroll(x0.shape());
-  bool measure = unroll == 0;
+  ChunkedLoop loop(unrolls_, x0.shape(), cfg.steps, cfg.unroll);
 
   mx::array bl2(0.0f), bx(0.0f), bz(0.0f), found(false);
   try {
@@ -248,8 +247,9 @@ AttackOutput CwEngine::run(
                                    bl2, bx, bz, found, mx::full({n}, inf), mx::ones({n}, mx::bool_)};
       std::vector<mx::array> fixed{x0, y, c, kappa, lr, lo32, hi32, period, keys, sample_idx};
       int done = 0;
-      auto run_chunk = [&](int k) {
-        check_interrupt();
+      std::optional<mx::array> prev_active;
+      auto chunk = [&](int k) {
+        prev_active = state[ACTIVE];
         fixed[KEYS - X0] = keys_of(done, k);
         std::vector<mx::array> in(state);
         in.insert(in.end(), fixed.begin(), fixed.end());
@@ -258,28 +258,15 @@ AttackOutput CwEngine::run(
         state = make_steps(k)(in);
         mx::async_eval(state);
       };
-      if (measure) {
-        // One step traces and compiles, a second is timed (ARCHITECTURE §2).
-        unroll = unrolls_.measure(x0.shape(), cfg.steps, done, [&] {
-          run_chunk(1);
-          mx::eval(state);
-        });
-        measure = false;
-      }
-      while (done < cfg.steps) {
-        // The remainder runs as single steps: only two step functions per shape are compiled.
-        int k = cfg.steps - done >= unroll ? unroll : 1;
-        auto prev_active = state[ACTIVE];
-        run_chunk(k);
-        done += k;
-        if (cfg.early_abort && done < cfg.steps) {
-          // Aborted samples are frozen, so stopping the round once all are is only a shortcut.
-          mx::eval(prev_active);
-          if (!mx::any(prev_active).item<bool>()) {
-            break;
-          }
+      auto between = [&] {
+        if (!cfg.early_abort) {
+          return true;
         }
-      }
+        // Aborted samples are frozen, so stopping the round once all are is only a shortcut.
+        mx::eval(*prev_active);
+        return mx::any(*prev_active).item<bool>();
+      };
+      loop.run(done, chunk, [&] { mx::eval(state); }, between);
       // Binary search on c per sample (the authors' update).
       auto success = state[RS];
       upper = mx::where(success, mx::minimum(upper, c), upper);

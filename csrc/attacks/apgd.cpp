@@ -351,11 +351,7 @@ struct ApgdRun {
       prev_success = state[RS];
       fixed[KEYS - X0] = keys_of(done + 1, k);
       fixed[CKPT - X0] = ckpt_of(done, k);
-      std::vector<mx::array> step_in(state);
-      step_in.insert(step_in.end(), fixed.begin(), fixed.end());
-      step_in.push_back(mx::array(done, mx::int32));
-      step_in.insert(step_in.end(), params.begin(), params.end());
-      state = make_steps(k)(step_in);
+      state = make_steps(k)(chunk_inputs(state, fixed, done, params));
       mx::async_eval(state);
     };
     auto between = [&] {

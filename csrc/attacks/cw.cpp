@@ -251,11 +251,7 @@ AttackOutput CwEngine::run(
       auto chunk = [&](int k) {
         prev_active = state[ACTIVE];
         fixed[KEYS - X0] = keys_of(done, k);
-        std::vector<mx::array> in(state);
-        in.insert(in.end(), fixed.begin(), fixed.end());
-        in.push_back(mx::array(done, mx::int32));
-        in.insert(in.end(), params.begin(), params.end());
-        state = make_steps(k)(in);
+        state = make_steps(k)(chunk_inputs(state, fixed, done, params));
         mx::async_eval(state);
       };
       auto between = [&] {

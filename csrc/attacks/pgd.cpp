@@ -80,11 +80,6 @@ Best finish_restart(const Best& best, const Best& last, const mx::array& y, cons
           mx::where(mx::expand_dims(done, -1), best.logits, last.logits)};
 }
 
-struct Evaluated {
-  mx::array loss, success, logits;
-};
-
-
 // Objective, success and logits at x. A stochastic model is run eot_samples times with keys drawn
 // from step t's key (EOT, Athalye et al. 2018): objective and logits are the means over the draws,
 // success is judged on the mean logits.
@@ -263,18 +258,11 @@ struct PgdRun {
     };
     refill();
     int done = 0;
-    auto inputs_of = [&](const std::vector<mx::array>& st) {
-      std::vector<mx::array> in(st);
-      in.insert(in.end(), fixed.begin(), fixed.end());
-      in.push_back(mx::array(done, mx::int32));
-      in.insert(in.end(), params.begin(), params.end());
-      return in;
-    };
     std::optional<mx::array> prev_success;
     auto chunk = [&](int k) {
       prev_success = state[BS];
       fixed[STEP_KEYS - X0] = keys_of(done, k);
-      state = make_steps(k)(inputs_of(state));
+      state = make_steps(k)(chunk_inputs(state, fixed, done, params));
       mx::async_eval(state);
     };
     auto between = [&] {
@@ -294,7 +282,7 @@ struct PgdRun {
     loop.run(done, chunk, [&] { mx::eval(state); }, between);
     timer.mark("steps");
     fixed[STEP_KEYS - X0] = keys_of(cfg.steps, 1);
-    state = finish(inputs_of(state));
+    state = finish(chunk_inputs(state, fixed, done, params));
     flush(batch, state, fixed, true);
   }
 

@@ -86,13 +86,9 @@ constexpr int kLevels = 10;  // p_init / 2^0 .. p_init / 2^9
 constexpr float kUnchanged = 1e-7f;  // the official code's "this draw changes nothing" tolerance
 
 
-struct SquareScore {
-  mx::array loss, success, logits;
-};
-
 // Loss to minimise (the negated attack objective), success and logits at x. A random model gets
 // the trailing per-row keys row_keys(noise_key, rows): each sample's draw depends on its global index.
-SquareScore square_score(
+Evaluated square_score(
     const ForwardFn& forward,
     const std::vector<mx::array>& params,
     const mx::array& x,

@@ -190,6 +190,15 @@ void ChunkedLoop::run(int& done, const std::function<void(int)>& chunk, const st
   }
 }
 
+std::vector<mx::array> chunk_inputs(const std::vector<mx::array>& state, const std::vector<mx::array>& fixed, int t0,
+                                    const std::vector<mx::array>& params) {
+  std::vector<mx::array> in(state);
+  in.insert(in.end(), fixed.begin(), fixed.end());
+  in.push_back(mx::array(t0, mx::int32));
+  in.insert(in.end(), params.begin(), params.end());
+  return in;
+}
+
 void erase_compiled(const std::vector<std::uintptr_t>& ids) {
   auto cache = mx::detail::compile_cache();
   for (auto id : ids) {

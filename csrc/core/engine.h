@@ -214,6 +214,11 @@ class ChunkedLoop {
   int unroll_;
 };
 
+/** A chunk's inputs, in the order every engine's step function reads them: the per-sample
+    `state`, the `fixed` inputs, the index `t0` of the chunk's first step, the model's `params`. */
+std::vector<mx::array> chunk_inputs(const std::vector<mx::array>& state, const std::vector<mx::array>& fixed, int t0,
+                                    const std::vector<mx::array>& params);
+
 /** Smallest power of two >= n (shrinking working batches retrace at most log2(N) times). */
 int next_pow2(int n);
 

@@ -33,6 +33,11 @@ mx::array checked_logits(
 /** Per-sample objective computed from logits (N, C) -> (N,). */
 using ObjectiveFn = std::function<mx::array(const mx::array&)>;
 
+/** A model's verdict at an iterate: per-sample objective, success and logits. */
+struct Evaluated {
+  mx::array loss, success, logits;
+};
+
 struct Scored {
   mx::array objective;  // (N,) mean over the draws
   mx::array logits;     // (N, C) mean over the draws

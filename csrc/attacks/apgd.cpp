@@ -376,24 +376,9 @@ struct ApgdRun {
   }
 };
 
-} // namespace
-
-AttackOutput ApgdEngine::run(
-    const ForwardFn& forward,
-    const std::vector<mx::array>& params,
-    const mx::array& x0_in,
-    const mx::array& y_in,
-    const std::optional<mx::array>& target_in,
-    const mx::array& eps_in,
-    const mx::array& lo,
-    const mx::array& hi,
-    int num_classes,
-    const ApgdConfig& cfg,
-    const mx::array& key,
-    const std::optional<mx::array>& rows_in) {
-  suite::check_batch(x0_in, y_in, num_classes, "apgd");
-  const int n = x0_in.shape(0);
-  auto sample_idx = sample_rows(rows_in, n, "apgd");
+// The settings and shapes (the values are check_attack_inputs'): std::invalid_argument("[apgd] ...").
+void check_config(const ApgdConfig& cfg, int n, int num_classes, const mx::array& eps_in,
+                  const std::optional<mx::array>& target_in) {
   if (eps_in.ndim() != 1 || eps_in.shape(0) != n) {
     throw std::invalid_argument("[apgd] eps must have shape (N,)");
   }
@@ -428,6 +413,27 @@ AttackOutput ApgdEngine::run(
   if (cfg.unroll < 0) {
     throw std::invalid_argument("[apgd] unroll must be >= 0, got " + std::to_string(cfg.unroll));
   }
+}
+
+} // namespace
+
+AttackOutput ApgdEngine::run(
+    const ForwardFn& forward,
+    const std::vector<mx::array>& params,
+    const mx::array& x0_in,
+    const mx::array& y_in,
+    const std::optional<mx::array>& target_in,
+    const mx::array& eps_in,
+    const mx::array& lo,
+    const mx::array& hi,
+    int num_classes,
+    const ApgdConfig& cfg,
+    const mx::array& key,
+    const std::optional<mx::array>& rows_in) {
+  suite::check_batch(x0_in, y_in, num_classes, "apgd");
+  const int n = x0_in.shape(0);
+  auto sample_idx = sample_rows(rows_in, n, "apgd");
+  check_config(cfg, n, num_classes, eps_in, target_in);
   AttackInputs inputs(x0_in, y_in, num_classes, lo, hi, &eps_in);
   if (cfg.targeted) {
     inputs.target = &*target_in;

@@ -131,26 +131,8 @@ std::vector<mx::array> steps_fn(
   return s;
 }
 
-} // namespace
-
-mx::array cw_margin_loss(const mx::array& logits, const mx::array& y, float kappa, bool targeted) {
-  return margin_loss(logits, y, mx::array(kappa), targeted);
-}
-
-AttackOutput CwEngine::run(
-    const ForwardFn& forward,
-    const std::vector<mx::array>& params,
-    const mx::array& x0_in,
-    const mx::array& y_in,
-    const mx::array& lo,
-    const mx::array& hi,
-    int num_classes,
-    const CwConfig& cfg,
-    const mx::array& key,
-    const std::optional<mx::array>& rows_in) {
-  suite::check_batch(x0_in, y_in, num_classes, "cw");
-  const int n = x0_in.shape(0);
-  auto sample_idx = sample_rows(rows_in, n, "cw");
+// The settings (the inputs are check_attack_inputs'): std::invalid_argument("[cw] ...").
+void check_config(const CwConfig& cfg) {
   auto positive = [](float v) { return std::isfinite(v) && v > 0.0f; };
   if (cfg.steps < 1) {
     throw std::invalid_argument("[cw] steps must be >= 1, got " + std::to_string(cfg.steps));
@@ -174,6 +156,29 @@ AttackOutput CwEngine::run(
   if (cfg.unroll < 0) {
     throw std::invalid_argument("[cw] unroll must be >= 0, got " + std::to_string(cfg.unroll));
   }
+}
+
+} // namespace
+
+mx::array cw_margin_loss(const mx::array& logits, const mx::array& y, float kappa, bool targeted) {
+  return margin_loss(logits, y, mx::array(kappa), targeted);
+}
+
+AttackOutput CwEngine::run(
+    const ForwardFn& forward,
+    const std::vector<mx::array>& params,
+    const mx::array& x0_in,
+    const mx::array& y_in,
+    const mx::array& lo,
+    const mx::array& hi,
+    int num_classes,
+    const CwConfig& cfg,
+    const mx::array& key,
+    const std::optional<mx::array>& rows_in) {
+  suite::check_batch(x0_in, y_in, num_classes, "cw");
+  const int n = x0_in.shape(0);
+  auto sample_idx = sample_rows(rows_in, n, "cw");
+  check_config(cfg);
   AttackInputs inputs(x0_in, y_in, num_classes, lo, hi);
   auto checks = check_attack_inputs("cw", inputs);
 

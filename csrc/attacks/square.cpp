@@ -310,6 +310,46 @@ std::vector<mx::array> step_fn(const ForwardFn& forward, const std::vector<mx::a
   return {bx, bl, bs, bz, bq};
 }
 
+// The settings and shapes (the values are check_attack_inputs'): std::invalid_argument("[square] ...").
+void check_config(const SquareConfig& cfg, const mx::array& x0_in, const mx::array& y_in,
+                  const mx::array& eps_in, int num_classes, const mx::array& key) {
+  if (x0_in.ndim() != 4) {
+    throw std::invalid_argument(
+        "[square] x must be a batch of NHWC images (N, H, W, C), got rank " + std::to_string(x0_in.ndim()));
+  }
+  if (x0_in.size() == 0) {
+    throw std::invalid_argument("[square] x must be a non-empty batch");
+  }
+  if (!mx::issubdtype(x0_in.dtype(), mx::floating)) {
+    throw std::invalid_argument("[square] x must be floating point");
+  }
+  const int n = x0_in.shape(0);
+  if (y_in.ndim() != 1 || y_in.shape(0) != n) {
+    throw std::invalid_argument("[square] y must have shape (N,) matching x");
+  }
+  if (eps_in.ndim() != 1 || eps_in.shape(0) != n) {
+    throw std::invalid_argument("[square] eps must have shape (N,)");
+  }
+  if (num_classes < 1) {
+    throw std::invalid_argument("[square] num_classes must be >= 1");
+  }
+  if (cfg.n_queries < 1) {
+    throw std::invalid_argument("[square] n_queries must be >= 1, got " + std::to_string(cfg.n_queries));
+  }
+  if (!(cfg.p_init > 0.0 && cfg.p_init <= 1.0)) {
+    throw std::invalid_argument("[square] p_init must be in (0, 1], got " + std::to_string(cfg.p_init));
+  }
+  if (cfg.loss != LossKind::Margin && cfg.loss != LossKind::CrossEntropy) {
+    throw std::invalid_argument("[square] loss must be 'margin' or 'ce'");
+  }
+  if (cfg.unroll < 0) {
+    throw std::invalid_argument("[square] unroll must be >= 0");
+  }
+  if (key.ndim() != 1 || key.shape(0) != 2 || key.dtype() != mx::uint32) {
+    throw std::invalid_argument("[square] key must be a PRNG key (shape (2,), uint32)");
+  }
+}
+
 } // namespace
 
 int square_level(int it, int n_queries) {
@@ -404,41 +444,8 @@ SquareOutput SquareEngine::run(
     const SquareConfig& cfg,
     const mx::array& key,
     const std::optional<mx::array>& rows_in) {
-  if (x0_in.ndim() != 4) {
-    throw std::invalid_argument(
-        "[square] x must be a batch of NHWC images (N, H, W, C), got rank " + std::to_string(x0_in.ndim()));
-  }
-  if (x0_in.size() == 0) {
-    throw std::invalid_argument("[square] x must be a non-empty batch");
-  }
-  if (!mx::issubdtype(x0_in.dtype(), mx::floating)) {
-    throw std::invalid_argument("[square] x must be floating point");
-  }
+  check_config(cfg, x0_in, y_in, eps_in, num_classes, key);
   const int n = x0_in.shape(0), h = x0_in.shape(1), w = x0_in.shape(2), c = x0_in.shape(3);
-  if (y_in.ndim() != 1 || y_in.shape(0) != n) {
-    throw std::invalid_argument("[square] y must have shape (N,) matching x");
-  }
-  if (eps_in.ndim() != 1 || eps_in.shape(0) != n) {
-    throw std::invalid_argument("[square] eps must have shape (N,)");
-  }
-  if (num_classes < 1) {
-    throw std::invalid_argument("[square] num_classes must be >= 1");
-  }
-  if (cfg.n_queries < 1) {
-    throw std::invalid_argument("[square] n_queries must be >= 1, got " + std::to_string(cfg.n_queries));
-  }
-  if (!(cfg.p_init > 0.0 && cfg.p_init <= 1.0)) {
-    throw std::invalid_argument("[square] p_init must be in (0, 1], got " + std::to_string(cfg.p_init));
-  }
-  if (cfg.loss != LossKind::Margin && cfg.loss != LossKind::CrossEntropy) {
-    throw std::invalid_argument("[square] loss must be 'margin' or 'ce'");
-  }
-  if (cfg.unroll < 0) {
-    throw std::invalid_argument("[square] unroll must be >= 0");
-  }
-  if (key.ndim() != 1 || key.shape(0) != 2 || key.dtype() != mx::uint32) {
-    throw std::invalid_argument("[square] key must be a PRNG key (shape (2,), uint32)");
-  }
   auto sample_idx = sample_rows(rows_in, n, "square");
   AttackInputs inputs(x0_in, y_in, num_classes, lo, hi, &eps_in);
   auto checks = check_attack_inputs("square", inputs);

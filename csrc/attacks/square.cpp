@@ -310,6 +310,50 @@ std::vector<mx::array> step_fn(const ForwardFn& forward, const std::vector<mx::a
   return {bx, bl, bs, bz, bq};
 }
 
+// L2: per level, the window's pattern and its transpose on an (h, w) canvas: (2 kLevels, h w).
+mx::array pattern_table(const std::vector<int>& size_of_level, int h, int w) {
+  std::vector<float> t(static_cast<size_t>(2 * kLevels) * h * w, 0.0f);
+  for (int l = 0; l < kLevels; ++l) {
+    int s = size_of_level[l];
+    for (int tr = 0; tr < 2; ++tr) {
+      auto pat = square_pattern(s, tr == 1);
+      float* canvas = t.data() + static_cast<size_t>(2 * l + tr) * h * w;
+      for (int i = 0; i < s; ++i) {
+        for (int j = 0; j < s; ++j) {
+          canvas[i * w + j] = pat[i * s + j];
+        }
+      }
+    }
+  }
+  return mx::array(t.data(), {2 * kLevels, h * w}, mx::float32);
+}
+
+// Keys of iterations [t, t + k): rows 1 + i of split(key, iters + 1), zeros past the last
+// (padding rows of invalid iterations).
+mx::array iteration_keys(HostKey user_key, int iters, int64_t t, int k) {
+  const int64_t n_keys = static_cast<int64_t>(iters) + 1;
+  std::vector<uint32_t> words(static_cast<size_t>(k) * 2, 0u);
+  for (int j = 0; j < k && t + j < iters; ++j) {
+    auto kj = split_key(user_key, n_keys, t + j + 1);
+    words[2 * j] = kj.first;
+    words[2 * j + 1] = kj.second;
+  }
+  return mx::array(words.begin(), {k, 2}, mx::uint32);
+}
+
+// Per iteration of [t, t + k): (level, window size, valid) as (k, 3) int32.
+mx::array iteration_schedule(const std::vector<int>& size_of_level, int n_queries, int iters, int64_t t, int k) {
+  std::vector<int32_t> info(static_cast<size_t>(k) * 3);
+  for (int j = 0; j < k; ++j) {
+    int64_t i = t + j;
+    int level = i < iters ? square_level(static_cast<int>(i), n_queries) : 0;
+    info[3 * j] = level;
+    info[3 * j + 1] = size_of_level[level];
+    info[3 * j + 2] = i < iters ? 1 : 0;
+  }
+  return mx::array(info.data(), {k, 3}, mx::int32);
+}
+
 // The settings and shapes (the values are check_attack_inputs'): std::invalid_argument("[square] ...").
 void check_config(const SquareConfig& cfg, const mx::array& x0_in, const mx::array& y_in,
                   const mx::array& eps_in, int num_classes, const mx::array& key) {
@@ -471,23 +515,7 @@ SquareOutput SquareEngine::run(
   for (int l = 0; l < kLevels; ++l) {
     size_of_level[l] = square_window_size(cfg.p_init / std::ldexp(1.0, l), h, w, c, cfg.norm);
   }
-  mx::array table = mx::zeros({1, 1}, mx::float32);
-  if (cfg.norm == Norm::L2) {
-    std::vector<float> t(static_cast<size_t>(2 * kLevels) * h * w, 0.0f);
-    for (int l = 0; l < kLevels; ++l) {
-      int s = size_of_level[l];
-      for (int tr = 0; tr < 2; ++tr) {
-        auto pat = square_pattern(s, tr == 1);
-        float* canvas = t.data() + static_cast<size_t>(2 * l + tr) * h * w;
-        for (int i = 0; i < s; ++i) {
-          for (int j = 0; j < s; ++j) {
-            canvas[i * w + j] = pat[i * s + j];
-          }
-        }
-      }
-    }
-    table = mx::array(t.data(), {2 * kLevels, h * w}, mx::float32);
-  }
+  mx::array table = cfg.norm == Norm::L2 ? pattern_table(size_of_level, h, w) : mx::zeros({1, 1}, mx::float32);
 
   const std::vector<uint64_t> settings{
       static_cast<uint64_t>(cfg.norm), static_cast<uint64_t>(cfg.loss),
@@ -520,16 +548,6 @@ SquareOutput SquareEngine::run(
     }
     const int k = std::min(unroll, std::max(iters, 1));
     auto step = make_step(k);
-    // Keys of iterations [t, t + k), zeros past the last (padding rows of invalid iterations).
-    auto iter_keys_of = [&](int64_t t) {
-      std::vector<uint32_t> words(static_cast<size_t>(k) * 2, 0u);
-      for (int j = 0; j < k && t + j < iters; ++j) {
-        auto kj = split_key(user_key, n_keys, t + j + 1);
-        words[2 * j] = kj.first;
-        words[2 * j + 1] = kj.second;
-      }
-      return mx::array(words.begin(), {k, 2}, mx::uint32);
-    };
 
     // Working batch: the samples still being attacked, shrunk on early stop (core/batch.h).
     WorkingBatch batch(n);
@@ -549,19 +567,12 @@ SquareOutput SquareEngine::run(
     };
 
     bool finished = cfg.early_stop && iters > 0 && !keep_going(state[BS]);
-    std::vector<int32_t> info(static_cast<size_t>(k) * 3);
     for (int64_t t = 0; !finished && t < iters; t += k) {
       check_interrupt();
-      for (int j = 0; j < k; ++j) {
-        int64_t i = t + j;
-        int level = i < iters ? square_level(static_cast<int>(i), cfg.n_queries) : 0;
-        info[3 * j] = level;
-        info[3 * j + 1] = size_of_level[level];
-        info[3 * j + 2] = i < iters ? 1 : 0;
-      }
       std::vector<mx::array> in{
           state[BX], state[BL], state[BS], state[BZ], state[BQ], fixed[0], fixed[1], fixed[2], lo32, hi32,
-          fixed[3], iter_keys_of(t), mx::array(info.data(), {k, 3}, mx::int32), table, fixed[4]};
+          fixed[3], iteration_keys(user_key, iters, t, k), iteration_schedule(size_of_level, cfg.n_queries, iters, t, k),
+          table, fixed[4]};
       in.insert(in.end(), params.begin(), params.end());
       auto prev_success = state[BS];
       state = step(in);

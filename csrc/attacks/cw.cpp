@@ -131,6 +131,23 @@ std::vector<mx::array> steps_fn(
   return s;
 }
 
+// The tanh change of variables: w with x = lo + (hi - lo) (tanh(w) + 1) / 2; 0.999999 keeps atanh
+// finite at the bounds (authors' code).
+mx::array to_tanh_space(const mx::array& x0, const mx::array& lo, const mx::array& hi) {
+  auto unit = mx::subtract(mx::multiply(mx::divide(mx::subtract(x0, lo), mx::subtract(hi, lo)), mx::array(2.0f)),
+                           mx::array(1.0f));
+  return mx::arctanh(mx::multiply(mx::clip(unit, mx::array(-1.0f), mx::array(1.0f)), mx::array(0.999999f)));
+}
+
+// Binary search on c per sample after a round (the authors' update): success lowers the upper
+// bound, failure raises the lower one; without an upper bound yet, c grows tenfold.
+void bisect_c(const mx::array& success, mx::array& c, mx::array& lower, mx::array& upper) {
+  upper = mx::where(success, mx::minimum(upper, c), upper);
+  lower = mx::where(success, lower, mx::maximum(lower, c));
+  auto bisect = mx::multiply(mx::add(lower, upper), mx::array(0.5f));
+  c = mx::where(mx::less(upper, mx::array(1e9f)), bisect, mx::where(success, c, mx::multiply(c, mx::array(10.0f))));
+}
+
 // The settings (the inputs are check_attack_inputs'): std::invalid_argument("[cw] ...").
 void check_config(const CwConfig& cfg) {
   auto positive = [](float v) { return std::isfinite(v) && v > 0.0f; };
@@ -210,11 +227,7 @@ AttackOutput CwEngine::run(
     });
   };
 
-  // tanh change of variables; 0.999999 keeps atanh finite at the bounds (authors' code).
-  auto unit = mx::subtract(mx::multiply(mx::divide(mx::subtract(x0, lo32), mx::subtract(hi32, lo32)),
-                                        mx::array(2.0f)),
-                           mx::array(1.0f));
-  auto w0 = mx::arctanh(mx::multiply(mx::clip(unit, mx::array(-1.0f), mx::array(1.0f)), mx::array(0.999999f)));
+  auto w0 = to_tanh_space(x0, lo32, hi32);
   // Rows of mx::random::split as always, derived on the host (split_key): nothing per step.
   const HostKey user_key = host_key(key, "cw");
   const HostKey round_stream = split_key(user_key, 2, 0);
@@ -268,13 +281,7 @@ AttackOutput CwEngine::run(
         return mx::any(*prev_active).item<bool>();
       };
       loop.run(done, chunk, [&] { mx::eval(state); }, between);
-      // Binary search on c per sample (the authors' update).
-      auto success = state[RS];
-      upper = mx::where(success, mx::minimum(upper, c), upper);
-      lower = mx::where(success, lower, mx::maximum(lower, c));
-      auto bisect = mx::multiply(mx::add(lower, upper), mx::array(0.5f));
-      c = mx::where(mx::less(upper, mx::array(1e9f)), bisect,
-                    mx::where(success, c, mx::multiply(c, mx::array(10.0f))));
+      bisect_c(state[RS], c, lower, upper);
       bl2 = state[BL2];
       bx = state[BX];
       bz = state[BZ];

@@ -346,26 +346,15 @@ struct ApgdRun {
     in.insert(in.end(), params.begin(), params.end());
     auto state = init(in);
     int done = 0;
-    std::optional<mx::array> prev_success;
     auto chunk = [&](int k) {
-      prev_success = state[RS];
       fixed[KEYS - X0] = keys_of(done + 1, k);
       fixed[CKPT - X0] = ckpt_of(done, k);
-      state = make_steps(k)(chunk_inputs(state, fixed, done, params));
-      mx::async_eval(state);
+      return make_steps(k)(chunk_inputs(state, fixed, done, params));
     };
-    auto between = [&] {
-      if (!cfg.early_stop) {
-        return true;
-      }
-      // Successes known one chunk ago (the new chunk is already queued behind them).
-      auto dropped = batch.drop(*prev_success, state, [&] { flush(batch, state); });
-      if (dropped == WorkingBatch::Drop::shrunk) {
-        refill();
-      }
-      return dropped != WorkingBatch::Drop::empty;
+    auto between = [&](const mx::array& succeeded) {
+      return !cfg.early_stop || batch.keep_going(succeeded, state, [&] { flush(batch, state); }, refill);
     };
-    loop.run(done, chunk, [&] { mx::eval(state); }, between);
+    loop.run(done, state, RS, chunk, between);
     flush(batch, state);
   }
 

@@ -265,22 +265,19 @@ AttackOutput CwEngine::run(
                                    bl2, bx, bz, found, mx::full({n}, inf), mx::ones({n}, mx::bool_)};
       std::vector<mx::array> fixed{x0, y, c, kappa, lr, lo32, hi32, period, keys, sample_idx};
       int done = 0;
-      std::optional<mx::array> prev_active;
       auto chunk = [&](int k) {
-        prev_active = state[ACTIVE];
         fixed[KEYS - X0] = keys_of(done, k);
-        state = make_steps(k)(chunk_inputs(state, fixed, done, params));
-        mx::async_eval(state);
+        return make_steps(k)(chunk_inputs(state, fixed, done, params));
       };
-      auto between = [&] {
+      // Aborted samples are frozen, so stopping the round once all are is only a shortcut.
+      auto between = [&](const mx::array& active) {
         if (!cfg.early_abort) {
           return true;
         }
-        // Aborted samples are frozen, so stopping the round once all are is only a shortcut.
-        mx::eval(*prev_active);
-        return mx::any(*prev_active).item<bool>();
+        mx::eval(active);
+        return mx::any(active).item<bool>();
       };
-      loop.run(done, chunk, [&] { mx::eval(state); }, between);
+      loop.run(done, state, ACTIVE, chunk, between);
       bisect_c(state[RS], c, lower, upper);
       bl2 = state[BL2];
       bx = state[BX];

@@ -258,28 +258,18 @@ struct PgdRun {
     };
     refill();
     int done = 0;
-    std::optional<mx::array> prev_success;
     auto chunk = [&](int k) {
-      prev_success = state[BS];
       fixed[STEP_KEYS - X0] = keys_of(done, k);
-      state = make_steps(k)(chunk_inputs(state, fixed, done, params));
-      mx::async_eval(state);
+      return make_steps(k)(chunk_inputs(state, fixed, done, params));
     };
-    auto between = [&] {
-      if (!cfg.early_stop) {
-        return true;
-      }
-      // Successes known one chunk ago (the new chunk is already queued behind them).
-      auto dropped = batch.drop(*prev_success, state, [&] {
+    auto between = [&](const mx::array& succeeded) {
+      auto flush_early = [&] {
         flush(batch, state, fixed, false);
         mx::eval({full.x, full.loss, full.success, full.logits});
-      });
-      if (dropped == WorkingBatch::Drop::shrunk) {
-        refill();
-      }
-      return dropped != WorkingBatch::Drop::empty;
+      };
+      return !cfg.early_stop || batch.keep_going(succeeded, state, flush_early, refill);
     };
-    loop.run(done, chunk, [&] { mx::eval(state); }, between);
+    loop.run(done, state, BS, chunk, between);
     timer.mark("steps");
     fixed[STEP_KEYS - X0] = keys_of(cfg.steps, 1);
     state = finish(chunk_inputs(state, fixed, done, params));

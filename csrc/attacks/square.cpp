@@ -556,14 +556,13 @@ SquareOutput SquareEngine::run(
     auto flush = [&] { full = batch.merge(state, full); };
     // Early stop: drop the samples that `success` marks; false once none is left.
     auto keep_going = [&](const mx::array& success) {
-      auto dropped = batch.drop(success, state, [&] {
+      auto flush_early = [&] {
         flush();
         mx::eval(full);
-      });
-      if (dropped == WorkingBatch::Drop::shrunk) {
+      };
+      return batch.keep_going(success, state, flush_early, [&] {
         fixed = {batch.take(x0), batch.take(y), batch.take(eps), batch.take(ids), batch.take(sample_idx)};
-      }
-      return dropped != WorkingBatch::Drop::empty;
+      });
     };
 
     bool finished = cfg.early_stop && iters > 0 && !keep_going(state[BS]);

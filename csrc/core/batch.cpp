@@ -103,6 +103,15 @@ WorkingBatch::Drop WorkingBatch::drop(const mx::array& success, std::vector<mx::
   return Drop::shrunk;
 }
 
+bool WorkingBatch::keep_going(const mx::array& success, std::vector<mx::array>& state,
+                              const std::function<void()>& flush, const std::function<void()>& refill) {
+  auto dropped = drop(success, state, flush);
+  if (dropped == Drop::shrunk) {
+    refill();
+  }
+  return dropped != Drop::empty;
+}
+
 namespace {
 
 // Each sample's first position in the batch (0 if absent) and whether it is present.

@@ -68,6 +68,11 @@ class WorkingBatch {
    */
   Drop drop(const mx::array& success, std::vector<mx::array>& state, const std::function<void()>& flush);
 
+  /** drop(), then `refill()` (the caller's fixed inputs for the new rows) if the batch shrank;
+      false once no sample is left. */
+  bool keep_going(const mx::array& success, std::vector<mx::array>& state, const std::function<void()>& flush,
+                  const std::function<void()>& refill);
+
   /** A candidate result in full-batch rows (first occurrence of each sample); samples not in this
       batch get objective -inf and no success, so they never win keep_best. */
   Best to_full(const Best& cand) const;

@@ -167,24 +167,27 @@ CompiledEngine::StepFn CompiledEngine::compile_step(int kind, int k, const std::
 ChunkedLoop::ChunkedLoop(UnrollCache& cache, const mx::Shape& shape, int steps, int unroll)
     : cache_(cache), shape_(shape), steps_(steps), unroll_(unroll > 0 ? unroll : cache.get(shape)) {}
 
-void ChunkedLoop::run(int& done, const std::function<void(int)>& chunk, const std::function<void()>& wait,
-                      const std::function<bool()>& between) {
-  auto interruptible = [&](int k) {
+void ChunkedLoop::run(int& done, std::vector<mx::array>& state, int flag,
+                      const std::function<std::vector<mx::array>(int)>& chunk,
+                      const std::function<bool(const mx::array&)>& between) {
+  auto queue = [&](int k) {
     check_interrupt();
-    chunk(k);
+    state = chunk(k);
+    mx::async_eval(state);
   };
   if (unroll_ == 0) {
     // Unroll deep only where steps are cheap (host-bound): unrolling slows compute-bound models.
     unroll_ = cache_.measure(shape_, steps_, done, [&] {
-      interruptible(1);
-      wait();
+      queue(1);
+      mx::eval(state);
     });
   }
   while (done < steps_) {
     int k = steps_ - done >= unroll_ ? unroll_ : 1;
-    interruptible(k);
+    auto flags = state[flag];
+    queue(k);
     done += k;
-    if (done < steps_ && !between()) {
+    if (done < steps_ && !between(flags)) {
       break;
     }
   }

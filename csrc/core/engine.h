@@ -200,12 +200,14 @@ class ChunkedLoop {
   ChunkedLoop(UnrollCache& cache, const mx::Shape& shape, int steps, int unroll);
 
   /**
-   * From `done` to the last step: `chunk(k)` queues k steps from `done` (run_step for measuring:
-   * chunk(1) then `wait()` for it); after a chunk that leaves steps to run, `between()` may stop
-   * the loop by returning false.
+   * From `done` to the last step: `chunk(k)` returns the state after k steps from `done` (built
+   * from `state`), which the loop queues (async_eval). After a chunk that leaves steps to run,
+   * `between(flags)` gets the state's slot `flag` as it was before that chunk (known one chunk ago:
+   * reading it does not wait for the queued chunk) and may stop the loop by returning false.
    */
-  void run(int& done, const std::function<void(int)>& chunk, const std::function<void()>& wait,
-           const std::function<bool()>& between);
+  void run(int& done, std::vector<mx::array>& state, int flag,
+           const std::function<std::vector<mx::array>(int)>& chunk,
+           const std::function<bool(const mx::array&)>& between);
 
  private:
   UnrollCache& cache_;

@@ -39,11 +39,7 @@ void init_suite(nb::module_& m) {
              const mx::array& key, const std::optional<mx::array>& rows) {
             require_callable(forward, "apgd");
             ApgdConfig cfg;
-            try {
-              cfg.norm = parse_norm(norm);
-            } catch (const std::invalid_argument&) {
-              throw std::invalid_argument("[apgd] norm must be 'linf' or 'l2', got '" + norm + "'");
-            }
+            cfg.norm = parse_norm(norm, "apgd");
             cfg.loss = parse_apgd_loss(loss);
             cfg.steps = steps;
             cfg.restarts = restarts;

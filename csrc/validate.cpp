@@ -1,6 +1,7 @@
 #include "validate.h"
 
-#include "attack.h"
+#include "core/engine.h"
+#include "core/scoring.h"
 #include "mlx/compile_impl.h"
 
 namespace mlx_robust {

@@ -7,7 +7,8 @@
 #include <stdexcept>
 #include <string>
 
-#include "attack.h"
+#include "core/engine.h"
+#include "core/scoring.h"
 
 namespace mlx_robust {
 

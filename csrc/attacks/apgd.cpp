@@ -1,10 +1,13 @@
-#include "apgd.h"
+#include "attacks/apgd.h"
+
+#include "core/batch.h"
 
 #include <algorithm>
+#include <functional>
+#include <map>
 #include <limits>
 #include <stdexcept>
 
-#include "mlx/compile_impl.h"
 
 namespace mlx_robust {
 
@@ -105,7 +108,6 @@ std::vector<int> apgd_checkpoints(int steps) {
 
 namespace {
 
-constexpr uint64_t kApgdTag = 0x41504744;  // keeps these entries apart from other engines' ids
 constexpr float kMomentum = 0.75f;          // Croce & Hein 2020, alpha in eq. (3)
 
 // Compiled-function input layout of the step: the per-sample state, then the fixed inputs.
@@ -143,22 +145,6 @@ enum Slot : int {
 
 // Inputs of the run's first evaluation (at the random start).
 enum InitSlot : int { I_START = 0, I_X0, I_Y, I_TGT, I_EPS, I_LO, I_HI, I_KEYS, I_ROWS, I_NUM };
-
-struct Best {
-  mx::array x, loss, success, logits;
-};
-
-// Keep the first success; among failures keep the highest objective. NaN never replaces.
-Best keep_best(const Best& old, const Best& cand, int ndim) {
-  auto take_new = mx::logical_and(
-      mx::logical_not(old.success),
-      mx::logical_or(cand.success, mx::greater(cand.loss, old.loss)));
-  return {
-      mx::where(per_sample(take_new, ndim), cand.x, old.x),
-      mx::where(take_new, cand.loss, old.loss),
-      mx::logical_or(old.success, cand.success),
-      mx::where(mx::expand_dims(take_new, -1), cand.logits, old.logits)};
-}
 
 bool toward_target(const ApgdConfig& cfg) {
   return cfg.targeted || cfg.n_target_classes > 0;
@@ -302,36 +288,86 @@ mx::array apgd_start(
   return mx::clip(mx::add(x0, mx::multiply(per_sample(eps, x0.ndim()), t)), lo, hi);
 }
 
-mx::array take_rows(const mx::array& a, const mx::array& idx) {
-  return mx::take(a, idx, 0);
+// The checkpoint schedule (about 20 steps) as interval lengths at the steps that end at a
+// checkpoint (1-based step w ends it).
+std::map<int, float> checkpoint_lengths(int steps) {
+  std::map<int, float> out;
+  int prev = 0;
+  for (int w : apgd_checkpoints(steps)) {
+    out[w] = static_cast<float>(w - prev);
+    prev = w;
+  }
+  return out;
 }
 
-// A (N,) bool array on the host, whatever its strides (an evaluated array may be a broadcast).
-std::vector<uint8_t> host_flags(const mx::array& a) {
-  auto c = mx::astype(mx::contiguous(a), mx::uint8);
-  mx::eval(c);
-  auto p = c.data<uint8_t>();
-  return std::vector<uint8_t>(p, p + c.size());
-}
+// One call of ApgdEngine::run: its runs (restarts x target classes) over a working batch, each
+// merged into `full`.
+struct ApgdRun {
+  const ApgdConfig& cfg;
+  const std::vector<mx::array>& params;
+  CompiledEngine::StepFn init;
+  std::function<CompiledEngine::StepFn(int)> make_steps;
+  ChunkedLoop& loop;
+  int n, n_runs;
+  mx::array x0, eps, lo, hi, sample_idx;
+  HostKey start_stream, noise_stream;
+  std::map<int, float> ckpt_len;
+  mx::array rho;
+  Best full;
 
-} // namespace
+  // Per step of the chunk [t, t + k): the interval length if the step ends at a checkpoint, else 0.
+  mx::array ckpt_of(int t, int k) const {
+    std::vector<float> c(k, 0.0f);
+    for (auto it = ckpt_len.lower_bound(t + 1); it != ckpt_len.end() && it->first <= t + k; ++it) {
+      c[it->first - t - 1] = it->second;
+    }
+    return mx::array(c.begin(), {k}, mx::float32);
+  }
 
-AttackOutput ApgdEngine::run(
-    const ForwardFn& forward,
-    const std::vector<mx::array>& params,
-    const mx::array& x0_in,
-    const mx::array& y_in,
-    const std::optional<mx::array>& target_in,
-    const mx::array& eps_in,
-    const mx::array& lo,
-    const mx::array& hi,
-    int num_classes,
-    const ApgdConfig& cfg,
-    const mx::array& key,
-    const std::optional<mx::array>& rows_in) {
-  suite::check_batch(x0_in, y_in, num_classes, "apgd");
-  const int n = x0_in.shape(0);
-  auto sample_idx = sample_rows(rows_in, n, "apgd");
+  // Run `run` over the samples `active` with targets `tgt_all` (N,).
+  void run(int run, std::vector<int> active, const mx::array& y, const mx::array& tgt_all) {
+    auto start_all = apgd_start(x0, eps, lo, hi, cfg.norm, key_array(split_key(start_stream, n_runs, run)));
+    // Rows [t, t + k) of the run's split(noise key, steps + 1): row 0 scores the start, row
+    // t + 1 step t.
+    const HostKey run_noise = cfg.stochastic ? split_key(noise_stream, n_runs, run) : HostKey{0, 0};
+    const auto dummy_keys = mx::zeros({1, 2}, mx::uint32);
+    auto keys_of = [&](int64_t t, int64_t k) {
+      return cfg.stochastic ? split_rows(run_noise, static_cast<int64_t>(cfg.steps) + 1, t, t + k) : dummy_keys;
+    };
+    WorkingBatch batch(n, std::move(active));
+    std::vector<mx::array> fixed;  // x0, y, tgt, eps, lo, hi, keys, rows, ckpt, rho
+    auto refill = [&] {
+      fixed = {batch.take(x0), batch.take(y), batch.take(tgt_all), batch.take(eps), lo, hi, keys_of(0, 1),
+               batch.take(sample_idx), ckpt_of(0, 1), rho};
+    };
+    refill();
+    std::vector<mx::array> in{batch.take(start_all)};
+    in.insert(in.end(), fixed.begin(), fixed.begin() + (I_NUM - 1));
+    in.insert(in.end(), params.begin(), params.end());
+    auto state = init(in);
+    int done = 0;
+    auto chunk = [&](int k) {
+      fixed[KEYS - X0] = keys_of(done + 1, k);
+      fixed[CKPT - X0] = ckpt_of(done, k);
+      return make_steps(k)(chunk_inputs(state, fixed, done, params));
+    };
+    auto between = [&](const mx::array& succeeded) {
+      return !cfg.early_stop || batch.keep_going(succeeded, state, [&] { flush(batch, state); }, refill);
+    };
+    loop.run(done, state, RS, chunk, between);
+    flush(batch, state);
+  }
+
+  // Merge the working batch's result into the full arrays (first occurrence of each row).
+  void flush(const WorkingBatch& batch, const std::vector<mx::array>& state) {
+    full = keep_best(full, batch.to_full({state[RX], state[RL], state[RS], state[RZ]}), x0.ndim());
+    mx::eval({full.x, full.loss, full.success, full.logits});
+  }
+};
+
+// The settings and shapes (the values are check_attack_inputs'): std::invalid_argument("[apgd] ...").
+void check_config(const ApgdConfig& cfg, int n, int num_classes, const mx::array& eps_in,
+                  const std::optional<mx::array>& target_in) {
   if (eps_in.ndim() != 1 || eps_in.shape(0) != n) {
     throw std::invalid_argument("[apgd] eps must have shape (N,)");
   }
@@ -366,6 +402,27 @@ AttackOutput ApgdEngine::run(
   if (cfg.unroll < 0) {
     throw std::invalid_argument("[apgd] unroll must be >= 0, got " + std::to_string(cfg.unroll));
   }
+}
+
+} // namespace
+
+AttackOutput ApgdEngine::run(
+    const ForwardFn& forward,
+    const std::vector<mx::array>& params,
+    const mx::array& x0_in,
+    const mx::array& y_in,
+    const std::optional<mx::array>& target_in,
+    const mx::array& eps_in,
+    const mx::array& lo,
+    const mx::array& hi,
+    int num_classes,
+    const ApgdConfig& cfg,
+    const mx::array& key,
+    const std::optional<mx::array>& rows_in) {
+  suite::check_batch(x0_in, y_in, num_classes, "apgd");
+  const int n = x0_in.shape(0);
+  auto sample_idx = sample_rows(rows_in, n, "apgd");
+  check_config(cfg, n, num_classes, eps_in, target_in);
   AttackInputs inputs(x0_in, y_in, num_classes, lo, hi, &eps_in);
   if (cfg.targeted) {
     inputs.target = &*target_in;
@@ -381,73 +438,37 @@ AttackOutput ApgdEngine::run(
   auto eps = mx::astype(eps_in, mx::float32);
   auto lo32 = mx::astype(lo, mx::float32);
   auto hi32 = mx::astype(hi, mx::float32);
-  const int nd = x0.ndim();
   const float inf = std::numeric_limits<float>::infinity();
 
-  auto constants = [&](int kind, int k) {
-    return std::vector<uint64_t>{
-        kApgdTag, static_cast<uint64_t>(kind), static_cast<uint64_t>(k),
-        static_cast<uint64_t>(cfg.norm), static_cast<uint64_t>(cfg.loss),
-        static_cast<uint64_t>(cfg.targeted), static_cast<uint64_t>(cfg.n_target_classes > 0),
-        static_cast<uint64_t>(num_classes), static_cast<uint64_t>(cfg.stochastic),
-        static_cast<uint64_t>(cfg.eot_samples), static_cast<uint64_t>(fast_pool_enabled())};
-  };
-  auto clean_fn = mx::detail::compile(
-      [this, &forward, num_classes, &cfg](const std::vector<mx::array>& in) {
-        traces_++;
-        std::vector<mx::array> params(in.begin() + 3, in.end());
-        return std::vector<mx::array>{
-            score(forward, params, in[0], num_classes, cfg.stochastic, cfg.eot_samples, in[1], in[2],
-                         nullptr, "apgd").logits};
-      },
-      id(0), false, constants(0, 0));
-  auto init = mx::detail::compile(
-      [this, &forward, num_classes, &cfg](const std::vector<mx::array>& in) {
-        traces_++;
-        return init_fn(forward, in, num_classes, cfg);
-      },
-      id(1), false, constants(1, 0));
+  const std::vector<uint64_t> settings{
+      static_cast<uint64_t>(cfg.norm), static_cast<uint64_t>(cfg.loss),
+      static_cast<uint64_t>(cfg.targeted), static_cast<uint64_t>(cfg.n_target_classes > 0),
+      static_cast<uint64_t>(num_classes), static_cast<uint64_t>(cfg.stochastic),
+      static_cast<uint64_t>(cfg.eot_samples)};
+  auto clean_fn = compile_step(0, 0, settings, [&forward, num_classes, &cfg](const std::vector<mx::array>& in) {
+    std::vector<mx::array> params(in.begin() + 3, in.end());
+    return std::vector<mx::array>{
+        score(forward, params, in[0], num_classes, cfg.stochastic, cfg.eot_samples, in[1], in[2], nullptr, "apgd")
+            .logits};
+  });
+  auto init = compile_step(1, 0, settings, [&forward, num_classes, &cfg](const std::vector<mx::array>& in) {
+    return init_fn(forward, in, num_classes, cfg);
+  });
   auto make_steps = [&](int k) {
-    auto fn = [this, &forward, k, num_classes, &cfg](const std::vector<mx::array>& in) {
-      traces_++;
+    return compile_step(2, k, settings, [&forward, k, num_classes, &cfg](const std::vector<mx::array>& in) {
       return steps_fn(forward, in, k, num_classes, cfg);
-    };
-    return mx::detail::compile(fn, id(2), false, constants(2, k));
+    });
   };
 
   const int n_targets = cfg.n_target_classes > 0 ? cfg.n_target_classes : 1;
-  const int n_runs = n_targets * cfg.restarts;
   // Independent streams: starts, a stochastic model's draws, the clean evaluation's draws; each
   // the row of mx::random::split it always was, derived on the host (split_key) so that nothing
   // is allocated per step or per run.
   const HostKey user_key = host_key(key, "apgd");
-  const HostKey start_stream = split_key(user_key, 3, 0);
-  const HostKey noise_stream = split_key(user_key, 3, 1);
-  auto dummy_keys = mx::zeros({1, 2}, mx::uint32);
-
-  // The checkpoint schedule (about 20 steps), streamed per chunk: interval length at the steps
-  // that end at a checkpoint (1-based step w ends it), else 0.
-  std::map<int, float> ckpt_len;
-  {
-    int prev = 0;
-    for (int w : apgd_checkpoints(cfg.steps)) {
-      ckpt_len[w] = static_cast<float>(w - prev);
-      prev = w;
-    }
-  }
-  auto ckpt_of = [&](int t, int k) {
-    std::vector<float> c(k, 0.0f);
-    for (auto it = ckpt_len.lower_bound(t + 1); it != ckpt_len.end() && it->first <= t + k; ++it) {
-      c[it->first - t - 1] = it->second;
-    }
-    return mx::array(c.begin(), {k}, mx::float32);
-  };
-  auto rho = mx::array(cfg.rho);
-
-  int unroll = cfg.unroll > 0 ? cfg.unroll : chosen_unroll(x0.shape());
-  bool measure = unroll == 0;
-
-  std::optional<Best> full;
+  ChunkedLoop loop(unrolls_, x0.shape(), cfg.steps, cfg.unroll);
+  ApgdRun apgd{cfg, params, init, make_steps, loop, n, n_targets * cfg.restarts, x0, eps, lo32, hi32,
+               sample_idx, split_key(user_key, 3, 0), split_key(user_key, 3, 1),
+               checkpoint_lengths(cfg.steps), mx::array(cfg.rho), Best{x0, x0, x0, x0}};
   try {
     // Samples misclassified at x are not attacked (and keep x), as in the authors' code.
     std::vector<mx::array> clean_in{x0, key_array(split_key(user_key, 3, 2)), sample_idx};
@@ -462,155 +483,26 @@ AttackOutput ApgdEngine::run(
     };
     auto clean_success = success_of(cfg, logits0, y, user_target);
     auto clean_loss = objective_for(cfg, y, target_of(0))(logits0);
-    full = Best{x0, mx::where(clean_success, clean_loss, mx::array(-inf)), clean_success, logits0};
-    mx::eval({full->x, full->loss, full->success, full->logits});
+    apgd.full = Best{x0, mx::where(clean_success, clean_loss, mx::array(-inf)), clean_success, logits0};
+    mx::eval({apgd.full.x, apgd.full.loss, apgd.full.success, apgd.full.logits});
 
-    for (int run = 0; run < n_runs; ++run) {
-      const int tc = run / cfg.restarts;
-      std::vector<int> active;
-      {
-        auto s = host_flags(full->success);
-        for (int i = 0; i < n; ++i) {
-          if (!cfg.early_stop || !s[i]) {
-            active.push_back(i);
-          }
-        }
-      }
+    for (int run = 0; run < apgd.n_runs; ++run) {
+      auto active = cfg.early_stop ? WorkingBatch(n).unsucceeded(apgd.full.success) : every_row(n);
       if (active.empty()) {
         break;
       }
-      auto start_all = apgd_start(x0, eps, lo32, hi32, cfg.norm, key_array(split_key(start_stream, n_runs, run)));
-      auto tgt_all = target_of(tc);
-      // Rows [t, t + k) of the run's split(noise key, steps + 1): row 0 scores the start, row
-      // t + 1 step t.
-      const HostKey run_noise = cfg.stochastic ? split_key(noise_stream, n_runs, run) : HostKey{0, 0};
-      auto keys_of = [&](int64_t t, int64_t k) {
-        return cfg.stochastic ? split_rows(run_noise, static_cast<int64_t>(cfg.steps) + 1, t, t + k) : dummy_keys;
-      };
-      auto step_keys = keys_of(0, 1);
-
-      // Working batch: the active samples padded with copies to a power of two, so that a
-      // shrinking batch retraces at most log2(N) times.
-      std::vector<int> rows;
-      bool identity = false;
-      std::vector<mx::array> state;
-      std::vector<mx::array> fixed;  // x0, y, tgt, eps, lo, hi, keys, rows, ckpt, rho
-      int done = 0;
-      auto select = [&]() {
-        int size = static_cast<int>(active.size()) == n ? n : std::min(n, next_pow2(active.size()));
-        std::vector<int> new_rows(active);
-        while (static_cast<int>(new_rows.size()) < size) {
-          new_rows.push_back(active[0]);
-        }
-        identity = size == n && static_cast<int>(active.size()) == n;
-        for (int p = 0; identity && p < n; ++p) {
-          identity = new_rows[p] == p;
-        }
-        auto idx = mx::array(new_rows.data(), {size}, mx::int32);
-        auto rows_of = [&](const mx::array& a) { return identity ? a : take_rows(a, idx); };
-        fixed = {rows_of(x0), rows_of(y), rows_of(tgt_all), rows_of(eps), lo32, hi32, step_keys,
-                 rows_of(sample_idx), ckpt_of(0, 1), rho};
-        return std::make_pair(new_rows, rows_of(start_all));
-      };
-      {
-        auto [new_rows, start] = select();
-        rows = new_rows;
-        std::vector<mx::array> in{start};
-        in.insert(in.end(), fixed.begin(), fixed.begin() + (I_NUM - 1));
-        in.insert(in.end(), params.begin(), params.end());
-        state = init(in);
-      }
-      auto run_chunk = [&](int k) {
-        check_interrupt();
-        fixed[KEYS - X0] = keys_of(done + 1, k);
-        fixed[CKPT - X0] = ckpt_of(done, k);
-        std::vector<mx::array> in(state);
-        in.insert(in.end(), fixed.begin(), fixed.end());
-        in.push_back(mx::array(done, mx::int32));
-        in.insert(in.end(), params.begin(), params.end());
-        state = make_steps(k)(in);
-        mx::async_eval(state);
-      };
-      // Merge the working batch's result into the full arrays (first occurrence of each row).
-      auto flush = [&]() {
-        Best cand{state[RX], state[RL], state[RS], state[RZ]};
-        if (!identity) {
-          std::vector<int> pos(n, 0);
-          std::vector<uint8_t> present(n, 0);
-          for (int p = static_cast<int>(active.size()) - 1; p >= 0; --p) {
-            pos[active[p]] = p;
-            present[active[p]] = 1;
-          }
-          auto pos_idx = mx::array(pos.data(), {n}, mx::int32);
-          auto mask = mx::astype(mx::array(present.begin(), {n}, mx::uint8), mx::bool_);
-          cand = {take_rows(cand.x, pos_idx),
-                  mx::where(mask, take_rows(cand.loss, pos_idx), mx::array(-inf)),
-                  mx::logical_and(take_rows(cand.success, pos_idx), mask),
-                  take_rows(cand.logits, pos_idx)};
-        }
-        full = keep_best(*full, cand, nd);
-        mx::eval({full->x, full->loss, full->success, full->logits});
-      };
-
-      if (measure) {
-        // One step traces and compiles, a second is timed (ARCHITECTURE §2).
-        unroll = unrolls_.measure(x0.shape(), cfg.steps, done, [&] {
-          run_chunk(1);
-          mx::eval(state);
-        });
-        measure = false;
-      }
-
-      while (done < cfg.steps) {
-        // The remainder runs as single steps: only two step functions per shape are compiled.
-        int k = cfg.steps - done >= unroll ? unroll : 1;
-        auto prev_success = state[RS];
-        run_chunk(k);
-        done += k;
-        if (cfg.early_stop && done < cfg.steps) {
-          // Successes known one chunk ago (the new chunk is already queued behind them).
-          auto s = host_flags(prev_success);
-          std::vector<int> still;
-          for (size_t p = 0; p < active.size(); ++p) {
-            if (!s[p]) {
-              still.push_back(active[p]);
-            }
-          }
-          if (still.empty()) {
-            break;
-          }
-          if (static_cast<int>(still.size()) * 2 <= static_cast<int>(rows.size())) {
-            flush();  // the leaving rows' results live only in the working batch
-            std::vector<int> pos_of(n, -1);
-            for (int p = static_cast<int>(rows.size()) - 1; p >= 0; --p) {
-              pos_of[rows[p]] = p;
-            }
-            active = still;
-            auto [new_rows, unused] = select();
-            (void)unused;
-            std::vector<int> sel;
-            for (int i : new_rows) {
-              sel.push_back(pos_of[i]);
-            }
-            auto sel_idx = mx::array(sel.data(), {static_cast<int>(sel.size())}, mx::int32);
-            for (auto& a : state) {
-              a = take_rows(a, sel_idx);
-            }
-            rows = new_rows;
-          }
-        }
-      }
-      flush();
+      apgd.run(run, std::move(active), y, target_of(run / cfg.restarts));
     }
   } catch (...) {
     clear();
     throw;
   }
 
-  auto norms = batch_norm_of(mx::subtract(full->x, x0), cfg.norm);
-  auto x_adv = mx::astype(full->x, x0_in.dtype());
-  mx::eval({x_adv, norms, full->success, full->loss, full->logits});
-  return {x_adv, full->success, full->loss, full->logits, norms};
+  const auto& full = apgd.full;
+  auto norms = batch_norm_of(mx::subtract(full.x, x0), cfg.norm);
+  auto x_adv = mx::astype(full.x, x0_in.dtype());
+  mx::eval({x_adv, norms, full.success, full.loss, full.logits});
+  return {x_adv, full.success, full.loss, full.logits, norms};
 }
 
 } // namespace mlx_robust

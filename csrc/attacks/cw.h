@@ -7,7 +7,8 @@
 #include <mutex>
 #include <vector>
 
-#include "attack.h"
+#include "core/engine.h"
+#include "core/scoring.h"
 
 namespace mlx_robust {
 
@@ -51,7 +52,7 @@ mx::array cw_margin_loss(const mx::array& logits, const mx::array& y, float kapp
  */
 class CwEngine : public CompiledEngine {
  public:
-  CwEngine() : CompiledEngine(2) {}
+  CwEngine() : CompiledEngine(0x43573200, 2) {}  // "CW2"
 
   /** Returns x_adv, success, loss (the logit margin at x_adv, higher = stronger), logits, L2 norms. */
   AttackOutput run(

@@ -10,8 +10,9 @@
 #include <string>
 #include <vector>
 
-#include "attack.h"
-#include "project.h"
+#include "core/engine.h"
+#include "core/scoring.h"
+#include "core/geometry.h"
 
 namespace mlx_robust {
 
@@ -94,7 +95,7 @@ struct ApgdConfig {
  */
 class ApgdEngine : public CompiledEngine {
  public:
-  ApgdEngine() : CompiledEngine(3) {}
+  ApgdEngine() : CompiledEngine(0x41504744, 3) {}  // "APGD"
 
   /**
    * `y` (N,) true labels; `target` (N,) the targets when config.targeted, else ignored.

@@ -4,8 +4,8 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
-#include "bind_util.h"
-#include "square.h"
+#include "bind/util.h"
+#include "attacks/square.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -24,7 +24,7 @@ void init_square(nb::module_& m) {
              bool stochastic, const mx::array& key, const std::optional<mx::array>& rows) {
             require_callable(forward, "square");
             SquareConfig cfg;
-            cfg.norm = parse_norm(norm);
+            cfg.norm = parse_norm(norm, "square");
             cfg.loss = parse_loss(loss);
             cfg.n_queries = n_queries;
             cfg.p_init = p_init;
@@ -54,7 +54,7 @@ void init_square(nb::module_& m) {
   m.def(
       "square_window_size",
       [](double p, int h, int w, int c, const std::string& norm) {
-        return square_window_size(p, h, w, c, parse_norm(norm));
+        return square_window_size(p, h, w, c, parse_norm(norm, "square"));
       },
       "p"_a, "h"_a, "w"_a, "c"_a, "norm"_a, "Side of the square window for pixel fraction p.");
   m.def("square_pattern", &square_pattern, "s"_a, "transpose"_a = false,

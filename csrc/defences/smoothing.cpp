@@ -1,6 +1,8 @@
-#include "smoothing.h"
+#include "defences/smoothing.h"
 
-#include "attack.h"
+#include "core/engine.h"
+#include "core/scoring.h"
+#include "core/graph_rewrite.h"
 
 #include <algorithm>
 #include <cmath>
@@ -13,8 +15,7 @@
 #include <stdexcept>
 #include <utility>
 
-#include "mlx/compile_impl.h"
-#include "stats.h"
+#include "defences/stats.h"
 
 namespace mlx_robust {
 
@@ -278,15 +279,12 @@ Votes SmoothingEngine::vote_counts(
   auto fn_for = [&](int m, int g) -> auto& {
     auto it = fns.find({m, g});
     if (it == fns.end()) {
-      auto fn = [this, &forward, m, g, num_classes, dtype, noise_s](const std::vector<mx::array>& in) {
-        traces_++;
+      auto fn = [&forward, m, g, num_classes, dtype, noise_s](const std::vector<mx::array>& in) {
         return group_fn(forward, in, m, g, num_classes, dtype, noise_s);
       };
-      std::vector<uint64_t> constants{
-          static_cast<uint64_t>(m), static_cast<uint64_t>(num_classes),
-          static_cast<uint64_t>(cfg.overlap), static_cast<uint64_t>(noise_s.index),
-          static_cast<uint64_t>(g), static_cast<uint64_t>(fast_pool_enabled())};
-      it = fns.emplace(std::make_pair(m, g), mx::detail::compile(fn, id(0), false, constants)).first;
+      std::vector<uint64_t> settings{static_cast<uint64_t>(num_classes), static_cast<uint64_t>(cfg.overlap),
+                                     static_cast<uint64_t>(noise_s.index), static_cast<uint64_t>(g)};
+      it = fns.emplace(std::make_pair(m, g), compile_step(0, m, settings, fn)).first;
     }
     return it->second;
   };

@@ -4,9 +4,9 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
-#include "bind_util.h"
-#include "smoothing.h"
-#include "stats.h"
+#include "bind/util.h"
+#include "defences/smoothing.h"
+#include "defences/stats.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;

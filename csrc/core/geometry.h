@@ -11,8 +11,9 @@ namespace mx = mlx::core;
 
 enum class Norm : int { Linf = 0, L2 = 1 };
 
-/** Parse "linf" / "l2" (what the Python layer passes); throws on anything else. */
-Norm parse_norm(const std::string& norm);
+/** Parse "linf" / "l2" (what the Python layer passes); anything else throws
+    std::invalid_argument("[tag] norm must be ..."), tagged by the caller. */
+Norm parse_norm(const std::string& norm, const char* tag = "attack");
 
 /** Reshape a per-sample vector (N,) so it broadcasts against x of rank `ndim`. */
 mx::array per_sample(const mx::array& v, int ndim);

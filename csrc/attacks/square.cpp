@@ -1,4 +1,6 @@
-#include "square.h"
+#include "attacks/square.h"
+
+#include "core/batch.h"
 
 #include <algorithm>
 #include <chrono>
@@ -7,7 +9,6 @@
 #include <numeric>
 #include <stdexcept>
 
-#include "mlx/compile_impl.h"
 
 namespace mlx_robust {
 
@@ -83,16 +84,11 @@ InitTiles l2_init_tiles(int h, int w) {
 
 constexpr int kLevels = 10;  // p_init / 2^0 .. p_init / 2^9
 constexpr float kUnchanged = 1e-7f;  // the official code's "this draw changes nothing" tolerance
-constexpr uint64_t kTag = 0x5351554152450000ull;  // "SQUARE": keeps our cache entries apart
 
-
-struct SquareScore {
-  mx::array loss, success, logits;
-};
 
 // Loss to minimise (the negated attack objective), success and logits at x. A random model gets
 // the trailing per-row keys row_keys(noise_key, rows): each sample's draw depends on its global index.
-SquareScore square_score(
+Evaluated square_score(
     const ForwardFn& forward,
     const std::vector<mx::array>& params,
     const mx::array& x,
@@ -314,6 +310,90 @@ std::vector<mx::array> step_fn(const ForwardFn& forward, const std::vector<mx::a
   return {bx, bl, bs, bz, bq};
 }
 
+// L2: per level, the window's pattern and its transpose on an (h, w) canvas: (2 kLevels, h w).
+mx::array pattern_table(const std::vector<int>& size_of_level, int h, int w) {
+  std::vector<float> t(static_cast<size_t>(2 * kLevels) * h * w, 0.0f);
+  for (int l = 0; l < kLevels; ++l) {
+    int s = size_of_level[l];
+    for (int tr = 0; tr < 2; ++tr) {
+      auto pat = square_pattern(s, tr == 1);
+      float* canvas = t.data() + static_cast<size_t>(2 * l + tr) * h * w;
+      for (int i = 0; i < s; ++i) {
+        for (int j = 0; j < s; ++j) {
+          canvas[i * w + j] = pat[i * s + j];
+        }
+      }
+    }
+  }
+  return mx::array(t.data(), {2 * kLevels, h * w}, mx::float32);
+}
+
+// Keys of iterations [t, t + k): rows 1 + i of split(key, iters + 1), zeros past the last
+// (padding rows of invalid iterations).
+mx::array iteration_keys(HostKey user_key, int iters, int64_t t, int k) {
+  const int64_t n_keys = static_cast<int64_t>(iters) + 1;
+  std::vector<uint32_t> words(static_cast<size_t>(k) * 2, 0u);
+  for (int j = 0; j < k && t + j < iters; ++j) {
+    auto kj = split_key(user_key, n_keys, t + j + 1);
+    words[2 * j] = kj.first;
+    words[2 * j + 1] = kj.second;
+  }
+  return mx::array(words.begin(), {k, 2}, mx::uint32);
+}
+
+// Per iteration of [t, t + k): (level, window size, valid) as (k, 3) int32.
+mx::array iteration_schedule(const std::vector<int>& size_of_level, int n_queries, int iters, int64_t t, int k) {
+  std::vector<int32_t> info(static_cast<size_t>(k) * 3);
+  for (int j = 0; j < k; ++j) {
+    int64_t i = t + j;
+    int level = i < iters ? square_level(static_cast<int>(i), n_queries) : 0;
+    info[3 * j] = level;
+    info[3 * j + 1] = size_of_level[level];
+    info[3 * j + 2] = i < iters ? 1 : 0;
+  }
+  return mx::array(info.data(), {k, 3}, mx::int32);
+}
+
+// The settings and shapes (the values are check_attack_inputs'): std::invalid_argument("[square] ...").
+void check_config(const SquareConfig& cfg, const mx::array& x0_in, const mx::array& y_in,
+                  const mx::array& eps_in, int num_classes, const mx::array& key) {
+  if (x0_in.ndim() != 4) {
+    throw std::invalid_argument(
+        "[square] x must be a batch of NHWC images (N, H, W, C), got rank " + std::to_string(x0_in.ndim()));
+  }
+  if (x0_in.size() == 0) {
+    throw std::invalid_argument("[square] x must be a non-empty batch");
+  }
+  if (!mx::issubdtype(x0_in.dtype(), mx::floating)) {
+    throw std::invalid_argument("[square] x must be floating point");
+  }
+  const int n = x0_in.shape(0);
+  if (y_in.ndim() != 1 || y_in.shape(0) != n) {
+    throw std::invalid_argument("[square] y must have shape (N,) matching x");
+  }
+  if (eps_in.ndim() != 1 || eps_in.shape(0) != n) {
+    throw std::invalid_argument("[square] eps must have shape (N,)");
+  }
+  if (num_classes < 1) {
+    throw std::invalid_argument("[square] num_classes must be >= 1");
+  }
+  if (cfg.n_queries < 1) {
+    throw std::invalid_argument("[square] n_queries must be >= 1, got " + std::to_string(cfg.n_queries));
+  }
+  if (!(cfg.p_init > 0.0 && cfg.p_init <= 1.0)) {
+    throw std::invalid_argument("[square] p_init must be in (0, 1], got " + std::to_string(cfg.p_init));
+  }
+  if (cfg.loss != LossKind::Margin && cfg.loss != LossKind::CrossEntropy) {
+    throw std::invalid_argument("[square] loss must be 'margin' or 'ce'");
+  }
+  if (cfg.unroll < 0) {
+    throw std::invalid_argument("[square] unroll must be >= 0");
+  }
+  if (key.ndim() != 1 || key.shape(0) != 2 || key.dtype() != mx::uint32) {
+    throw std::invalid_argument("[square] key must be a PRNG key (shape (2,), uint32)");
+  }
+}
+
 } // namespace
 
 int square_level(int it, int n_queries) {
@@ -408,41 +488,8 @@ SquareOutput SquareEngine::run(
     const SquareConfig& cfg,
     const mx::array& key,
     const std::optional<mx::array>& rows_in) {
-  if (x0_in.ndim() != 4) {
-    throw std::invalid_argument(
-        "[square] x must be a batch of NHWC images (N, H, W, C), got rank " + std::to_string(x0_in.ndim()));
-  }
-  if (x0_in.size() == 0) {
-    throw std::invalid_argument("[square] x must be a non-empty batch");
-  }
-  if (!mx::issubdtype(x0_in.dtype(), mx::floating)) {
-    throw std::invalid_argument("[square] x must be floating point");
-  }
+  check_config(cfg, x0_in, y_in, eps_in, num_classes, key);
   const int n = x0_in.shape(0), h = x0_in.shape(1), w = x0_in.shape(2), c = x0_in.shape(3);
-  if (y_in.ndim() != 1 || y_in.shape(0) != n) {
-    throw std::invalid_argument("[square] y must have shape (N,) matching x");
-  }
-  if (eps_in.ndim() != 1 || eps_in.shape(0) != n) {
-    throw std::invalid_argument("[square] eps must have shape (N,)");
-  }
-  if (num_classes < 1) {
-    throw std::invalid_argument("[square] num_classes must be >= 1");
-  }
-  if (cfg.n_queries < 1) {
-    throw std::invalid_argument("[square] n_queries must be >= 1, got " + std::to_string(cfg.n_queries));
-  }
-  if (!(cfg.p_init > 0.0 && cfg.p_init <= 1.0)) {
-    throw std::invalid_argument("[square] p_init must be in (0, 1], got " + std::to_string(cfg.p_init));
-  }
-  if (cfg.loss != LossKind::Margin && cfg.loss != LossKind::CrossEntropy) {
-    throw std::invalid_argument("[square] loss must be 'margin' or 'ce'");
-  }
-  if (cfg.unroll < 0) {
-    throw std::invalid_argument("[square] unroll must be >= 0");
-  }
-  if (key.ndim() != 1 || key.shape(0) != 2 || key.dtype() != mx::uint32) {
-    throw std::invalid_argument("[square] key must be a PRNG key (shape (2,), uint32)");
-  }
   auto sample_idx = sample_rows(rows_in, n, "square");
   AttackInputs inputs(x0_in, y_in, num_classes, lo, hi, &eps_in);
   auto checks = check_attack_inputs("square", inputs);
@@ -468,44 +515,19 @@ SquareOutput SquareEngine::run(
   for (int l = 0; l < kLevels; ++l) {
     size_of_level[l] = square_window_size(cfg.p_init / std::ldexp(1.0, l), h, w, c, cfg.norm);
   }
-  mx::array table = mx::zeros({1, 1}, mx::float32);
-  if (cfg.norm == Norm::L2) {
-    std::vector<float> t(static_cast<size_t>(2 * kLevels) * h * w, 0.0f);
-    for (int l = 0; l < kLevels; ++l) {
-      int s = size_of_level[l];
-      for (int tr = 0; tr < 2; ++tr) {
-        auto pat = square_pattern(s, tr == 1);
-        float* canvas = t.data() + static_cast<size_t>(2 * l + tr) * h * w;
-        for (int i = 0; i < s; ++i) {
-          for (int j = 0; j < s; ++j) {
-            canvas[i * w + j] = pat[i * s + j];
-          }
-        }
-      }
-    }
-    table = mx::array(t.data(), {2 * kLevels, h * w}, mx::float32);
-  }
+  mx::array table = cfg.norm == Norm::L2 ? pattern_table(size_of_level, h, w) : mx::zeros({1, 1}, mx::float32);
 
-  auto constants = [&](int kind, int k) {
-    return std::vector<uint64_t>{
-        kTag, static_cast<uint64_t>(kind), static_cast<uint64_t>(k),
-        static_cast<uint64_t>(cfg.norm), static_cast<uint64_t>(cfg.loss),
-        static_cast<uint64_t>(cfg.targeted), static_cast<uint64_t>(num_classes),
-        static_cast<uint64_t>(cfg.stochastic), static_cast<uint64_t>(fast_pool_enabled())};
-  };
-  auto init = mx::detail::compile(
-      [this, &forward, num_classes, &cfg](const std::vector<mx::array>& in) {
-        traces_++;
-        return init_fn(forward, in, num_classes, cfg);
-      },
-      init_id(), false, constants(0, 0));
+  const std::vector<uint64_t> settings{
+      static_cast<uint64_t>(cfg.norm), static_cast<uint64_t>(cfg.loss),
+      static_cast<uint64_t>(cfg.targeted), static_cast<uint64_t>(num_classes),
+      static_cast<uint64_t>(cfg.stochastic)};
+  auto init = compile_step(kInit, 0, settings, [&forward, num_classes, &cfg](const std::vector<mx::array>& in) {
+    return init_fn(forward, in, num_classes, cfg);
+  });
   auto make_step = [&](int k) {
-    return mx::detail::compile(
-        [this, &forward, k, num_classes, &cfg](const std::vector<mx::array>& in) {
-          traces_++;
-          return step_fn(forward, in, k, num_classes, cfg);
-        },
-        step_id(), false, constants(1, k));
+    return compile_step(kStep, k, settings, [&forward, k, num_classes, &cfg](const std::vector<mx::array>& in) {
+      return step_fn(forward, in, k, num_classes, cfg);
+    });
   };
 
   std::vector<mx::array> full;
@@ -526,123 +548,37 @@ SquareOutput SquareEngine::run(
     }
     const int k = std::min(unroll, std::max(iters, 1));
     auto step = make_step(k);
-    // Keys of iterations [t, t + k), zeros past the last (padding rows of invalid iterations).
-    auto iter_keys_of = [&](int64_t t) {
-      std::vector<uint32_t> words(static_cast<size_t>(k) * 2, 0u);
-      for (int j = 0; j < k && t + j < iters; ++j) {
-        auto kj = split_key(user_key, n_keys, t + j + 1);
-        words[2 * j] = kj.first;
-        words[2 * j + 1] = kj.second;
-      }
-      return mx::array(words.begin(), {k, 2}, mx::uint32);
-    };
 
-    // Working batch: the samples still being attacked (positions 0 .. active.size() - 1), padded
-    // with copies of the first to a power of two so a shrinking batch retraces at most log2(N) times.
-    std::vector<int> active(n);
-    std::iota(active.begin(), active.end(), 0);
-    std::vector<int> rows = active;
-    bool identity = true;
+    // Working batch: the samples still being attacked, shrunk on early stop (core/batch.h).
+    WorkingBatch batch(n);
     std::vector<mx::array> state = full;
     std::vector<mx::array> fixed{x0, y, eps, ids, sample_idx};
-
-    auto flush = [&]() {
-      if (identity) {
-        full = state;
-        return;
-      }
-      std::vector<int> pos(n, 0);
-      std::vector<uint8_t> present(n, 0);
-      for (int p = static_cast<int>(active.size()) - 1; p >= 0; --p) {
-        pos[active[p]] = p;
-        present[active[p]] = 1;
-      }
-      auto pos_idx = mx::array(pos.data(), {n}, mx::int32);
-      auto mask = mx::astype(mx::array(present.begin(), {n}, mx::uint8), mx::bool_);
-      for (size_t a = 0; a < full.size(); ++a) {
-        auto m = mx::reshape(mask, [&] {
-          mx::Shape sh(full[a].ndim(), 1);
-          sh[0] = n;
-          return sh;
-        }());
-        full[a] = mx::where(m, mx::take(state[a], pos_idx, 0), full[a]);
-      }
-    };
-    auto shrink = [&](const std::vector<int>& still) {
-      flush();
-      mx::eval(full);
-      int size = std::min(n, next_pow2(static_cast<int>(still.size())));
-      std::vector<int> new_rows(still);
-      while (static_cast<int>(new_rows.size()) < size) {
-        new_rows.push_back(still[0]);
-      }
-      std::vector<int> pos_of(n, -1);
-      for (int p = static_cast<int>(rows.size()) - 1; p >= 0; --p) {
-        pos_of[rows[p]] = p;
-      }
-      std::vector<int> sel;
-      for (int i : new_rows) {
-        sel.push_back(pos_of[i]);
-      }
-      auto sel_idx = mx::array(sel.data(), {size}, mx::int32);
-      auto row_idx = mx::array(new_rows.data(), {size}, mx::int32);
-      for (auto& a : state) {
-        a = mx::take(a, sel_idx, 0);
-      }
-      fixed = {mx::take(x0, row_idx, 0), mx::take(y, row_idx, 0), mx::take(eps, row_idx, 0),
-               mx::take(ids, row_idx, 0), mx::take(sample_idx, row_idx, 0)};
-      rows = new_rows;
-      active = still;
-      identity = false;
-    };
-    // Samples of the working batch not yet successful according to `success`.
-    auto still_active = [&](const mx::array& success) {
-      mx::eval(success);
-      auto s = success.data<bool>();
-      std::vector<int> still;
-      for (size_t p = 0; p < active.size(); ++p) {
-        if (!s[p]) {
-          still.push_back(active[p]);
-        }
-      }
-      return still;
+    auto flush = [&] { full = batch.merge(state, full); };
+    // Early stop: drop the samples that `success` marks; false once none is left.
+    auto keep_going = [&](const mx::array& success) {
+      auto flush_early = [&] {
+        flush();
+        mx::eval(full);
+      };
+      return batch.keep_going(success, state, flush_early, [&] {
+        fixed = {batch.take(x0), batch.take(y), batch.take(eps), batch.take(ids), batch.take(sample_idx)};
+      });
     };
 
-    bool finished = false;
-    if (cfg.early_stop && iters > 0) {
-      auto still = still_active(state[BS]);
-      if (still.empty()) {
-        finished = true;
-      } else if (static_cast<int>(still.size()) * 2 <= static_cast<int>(rows.size())) {
-        shrink(still);
-      }
-    }
-    std::vector<int32_t> info(static_cast<size_t>(k) * 3);
+    bool finished = cfg.early_stop && iters > 0 && !keep_going(state[BS]);
     for (int64_t t = 0; !finished && t < iters; t += k) {
       check_interrupt();
-      for (int j = 0; j < k; ++j) {
-        int64_t i = t + j;
-        int level = i < iters ? square_level(static_cast<int>(i), cfg.n_queries) : 0;
-        info[3 * j] = level;
-        info[3 * j + 1] = size_of_level[level];
-        info[3 * j + 2] = i < iters ? 1 : 0;
-      }
       std::vector<mx::array> in{
           state[BX], state[BL], state[BS], state[BZ], state[BQ], fixed[0], fixed[1], fixed[2], lo32, hi32,
-          fixed[3], iter_keys_of(t), mx::array(info.data(), {k, 3}, mx::int32), table, fixed[4]};
+          fixed[3], iteration_keys(user_key, iters, t, k), iteration_schedule(size_of_level, cfg.n_queries, iters, t, k),
+          table, fixed[4]};
       in.insert(in.end(), params.begin(), params.end());
       auto prev_success = state[BS];
       state = step(in);
       mx::async_eval(state);
-      if (cfg.early_stop && t + k < iters) {
-        // Successes known one chunk ago (the new chunk is already queued behind them).
-        auto still = still_active(prev_success);
-        if (still.empty()) {
-          break;
-        }
-        if (static_cast<int>(still.size()) * 2 <= static_cast<int>(rows.size())) {
-          shrink(still);
-        }
+      // Successes known one chunk ago (the new chunk is already queued behind them).
+      if (cfg.early_stop && t + k < iters && !keep_going(prev_success)) {
+        break;
       }
     }
     flush();

@@ -8,7 +8,8 @@
 #include <optional>
 #include <vector>
 
-#include "attack.h"
+#include "core/engine.h"
+#include "core/scoring.h"
 #include "mlx/mlx.h"
 
 namespace mlx_robust {
@@ -58,7 +59,7 @@ struct Votes {
  */
 class SmoothingEngine : public CompiledEngine {
  public:
-  SmoothingEngine() : CompiledEngine(1) {}
+  SmoothingEngine() : CompiledEngine(0x534d4f4f5448ull, 1) {}  // "SMOOTH"
 
   /**
    * Class votes (N, num_classes) int32 of the base classifier under Gaussian noise, n per input,

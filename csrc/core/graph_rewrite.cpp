@@ -1,4 +1,4 @@
-#include "graph_rewrite.h"
+#include "core/graph_rewrite.h"
 
 #include <atomic>
 #include <cstdlib>

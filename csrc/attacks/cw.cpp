@@ -1,18 +1,16 @@
-#include "cw.h"
+#include "attacks/cw.h"
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <stdexcept>
 
-#include "apgd.h"
-#include "mlx/compile_impl.h"
+#include "attacks/apgd.h"
 
 namespace mlx_robust {
 
 namespace {
 
-constexpr uint64_t kCwTag = 0x43573200;  // keeps these entries apart from other engines' ids
 // Double constants so that 1 - beta rounds once, to the float nearest 0.1 (0.001).
 constexpr double kBeta1 = 0.9;
 constexpr double kBeta2 = 0.999;
@@ -133,26 +131,25 @@ std::vector<mx::array> steps_fn(
   return s;
 }
 
-} // namespace
-
-mx::array cw_margin_loss(const mx::array& logits, const mx::array& y, float kappa, bool targeted) {
-  return margin_loss(logits, y, mx::array(kappa), targeted);
+// The tanh change of variables: w with x = lo + (hi - lo) (tanh(w) + 1) / 2; 0.999999 keeps atanh
+// finite at the bounds (authors' code).
+mx::array to_tanh_space(const mx::array& x0, const mx::array& lo, const mx::array& hi) {
+  auto unit = mx::subtract(mx::multiply(mx::divide(mx::subtract(x0, lo), mx::subtract(hi, lo)), mx::array(2.0f)),
+                           mx::array(1.0f));
+  return mx::arctanh(mx::multiply(mx::clip(unit, mx::array(-1.0f), mx::array(1.0f)), mx::array(0.999999f)));
 }
 
-AttackOutput CwEngine::run(
-    const ForwardFn& forward,
-    const std::vector<mx::array>& params,
-    const mx::array& x0_in,
-    const mx::array& y_in,
-    const mx::array& lo,
-    const mx::array& hi,
-    int num_classes,
-    const CwConfig& cfg,
-    const mx::array& key,
-    const std::optional<mx::array>& rows_in) {
-  suite::check_batch(x0_in, y_in, num_classes, "cw");
-  const int n = x0_in.shape(0);
-  auto sample_idx = sample_rows(rows_in, n, "cw");
+// Binary search on c per sample after a round (the authors' update): success lowers the upper
+// bound, failure raises the lower one; without an upper bound yet, c grows tenfold.
+void bisect_c(const mx::array& success, mx::array& c, mx::array& lower, mx::array& upper) {
+  upper = mx::where(success, mx::minimum(upper, c), upper);
+  lower = mx::where(success, lower, mx::maximum(lower, c));
+  auto bisect = mx::multiply(mx::add(lower, upper), mx::array(0.5f));
+  c = mx::where(mx::less(upper, mx::array(1e9f)), bisect, mx::where(success, c, mx::multiply(c, mx::array(10.0f))));
+}
+
+// The settings (the inputs are check_attack_inputs'): std::invalid_argument("[cw] ...").
+void check_config(const CwConfig& cfg) {
   auto positive = [](float v) { return std::isfinite(v) && v > 0.0f; };
   if (cfg.steps < 1) {
     throw std::invalid_argument("[cw] steps must be >= 1, got " + std::to_string(cfg.steps));
@@ -176,6 +173,29 @@ AttackOutput CwEngine::run(
   if (cfg.unroll < 0) {
     throw std::invalid_argument("[cw] unroll must be >= 0, got " + std::to_string(cfg.unroll));
   }
+}
+
+} // namespace
+
+mx::array cw_margin_loss(const mx::array& logits, const mx::array& y, float kappa, bool targeted) {
+  return margin_loss(logits, y, mx::array(kappa), targeted);
+}
+
+AttackOutput CwEngine::run(
+    const ForwardFn& forward,
+    const std::vector<mx::array>& params,
+    const mx::array& x0_in,
+    const mx::array& y_in,
+    const mx::array& lo,
+    const mx::array& hi,
+    int num_classes,
+    const CwConfig& cfg,
+    const mx::array& key,
+    const std::optional<mx::array>& rows_in) {
+  suite::check_batch(x0_in, y_in, num_classes, "cw");
+  const int n = x0_in.shape(0);
+  auto sample_idx = sample_rows(rows_in, n, "cw");
+  check_config(cfg);
   AttackInputs inputs(x0_in, y_in, num_classes, lo, hi);
   auto checks = check_attack_inputs("cw", inputs);
 
@@ -191,35 +211,23 @@ AttackOutput CwEngine::run(
   }
   const float inf = std::numeric_limits<float>::infinity();
 
-  auto constants = [&](int kind, int k) {
-    return std::vector<uint64_t>{
-        kCwTag, static_cast<uint64_t>(kind), static_cast<uint64_t>(k),
-        static_cast<uint64_t>(cfg.targeted), static_cast<uint64_t>(cfg.early_abort),
-        static_cast<uint64_t>(num_classes), static_cast<uint64_t>(cfg.stochastic),
-        static_cast<uint64_t>(cfg.eot_samples), static_cast<uint64_t>(fast_pool_enabled())};
-  };
-  auto clean_fn = mx::detail::compile(
-      [this, &forward, num_classes, &cfg](const std::vector<mx::array>& in) {
-        traces_++;
-        std::vector<mx::array> params(in.begin() + 3, in.end());
-        return std::vector<mx::array>{
-            score(forward, params, in[0], num_classes, cfg.stochastic, cfg.eot_samples, in[1], in[2],
-                         nullptr, "cw").logits};
-      },
-      id(0), false, constants(0, 0));
+  const std::vector<uint64_t> settings{
+      static_cast<uint64_t>(cfg.targeted), static_cast<uint64_t>(cfg.early_abort),
+      static_cast<uint64_t>(num_classes), static_cast<uint64_t>(cfg.stochastic),
+      static_cast<uint64_t>(cfg.eot_samples)};
+  auto clean_fn = compile_step(0, 0, settings, [&forward, num_classes, &cfg](const std::vector<mx::array>& in) {
+    std::vector<mx::array> params(in.begin() + 3, in.end());
+    return std::vector<mx::array>{
+        score(forward, params, in[0], num_classes, cfg.stochastic, cfg.eot_samples, in[1], in[2], nullptr, "cw")
+            .logits};
+  });
   auto make_steps = [&](int k) {
-    auto fn = [this, &forward, k, num_classes, &cfg](const std::vector<mx::array>& in) {
-      traces_++;
+    return compile_step(1, k, settings, [&forward, k, num_classes, &cfg](const std::vector<mx::array>& in) {
       return steps_fn(forward, in, k, num_classes, cfg);
-    };
-    return mx::detail::compile(fn, id(1), false, constants(1, k));
+    });
   };
 
-  // tanh change of variables; 0.999999 keeps atanh finite at the bounds (authors' code).
-  auto unit = mx::subtract(mx::multiply(mx::divide(mx::subtract(x0, lo32), mx::subtract(hi32, lo32)),
-                                        mx::array(2.0f)),
-                           mx::array(1.0f));
-  auto w0 = mx::arctanh(mx::multiply(mx::clip(unit, mx::array(-1.0f), mx::array(1.0f)), mx::array(0.999999f)));
+  auto w0 = to_tanh_space(x0, lo32, hi32);
   // Rows of mx::random::split as always, derived on the host (split_key): nothing per step.
   const HostKey user_key = host_key(key, "cw");
   const HostKey round_stream = split_key(user_key, 2, 0);
@@ -227,8 +235,7 @@ AttackOutput CwEngine::run(
   auto lr = mx::array(cfg.lr);
   auto period = mx::array(std::max(cfg.steps / 10, 1), mx::int32);
 
-  int unroll = cfg.unroll > 0 ? cfg.unroll : chosen_unroll(x0.shape());
-  bool measure = unroll == 0;
+  ChunkedLoop loop(unrolls_, x0.shape(), cfg.steps, cfg.unroll);
 
   mx::array bl2(0.0f), bx(0.0f), bz(0.0f), found(false);
   try {
@@ -258,45 +265,20 @@ AttackOutput CwEngine::run(
                                    bl2, bx, bz, found, mx::full({n}, inf), mx::ones({n}, mx::bool_)};
       std::vector<mx::array> fixed{x0, y, c, kappa, lr, lo32, hi32, period, keys, sample_idx};
       int done = 0;
-      auto run_chunk = [&](int k) {
-        check_interrupt();
+      auto chunk = [&](int k) {
         fixed[KEYS - X0] = keys_of(done, k);
-        std::vector<mx::array> in(state);
-        in.insert(in.end(), fixed.begin(), fixed.end());
-        in.push_back(mx::array(done, mx::int32));
-        in.insert(in.end(), params.begin(), params.end());
-        state = make_steps(k)(in);
-        mx::async_eval(state);
+        return make_steps(k)(chunk_inputs(state, fixed, done, params));
       };
-      if (measure) {
-        // One step traces and compiles, a second is timed (ARCHITECTURE §2).
-        unroll = unrolls_.measure(x0.shape(), cfg.steps, done, [&] {
-          run_chunk(1);
-          mx::eval(state);
-        });
-        measure = false;
-      }
-      while (done < cfg.steps) {
-        // The remainder runs as single steps: only two step functions per shape are compiled.
-        int k = cfg.steps - done >= unroll ? unroll : 1;
-        auto prev_active = state[ACTIVE];
-        run_chunk(k);
-        done += k;
-        if (cfg.early_abort && done < cfg.steps) {
-          // Aborted samples are frozen, so stopping the round once all are is only a shortcut.
-          mx::eval(prev_active);
-          if (!mx::any(prev_active).item<bool>()) {
-            break;
-          }
+      // Aborted samples are frozen, so stopping the round once all are is only a shortcut.
+      auto between = [&](const mx::array& active) {
+        if (!cfg.early_abort) {
+          return true;
         }
-      }
-      // Binary search on c per sample (the authors' update).
-      auto success = state[RS];
-      upper = mx::where(success, mx::minimum(upper, c), upper);
-      lower = mx::where(success, lower, mx::maximum(lower, c));
-      auto bisect = mx::multiply(mx::add(lower, upper), mx::array(0.5f));
-      c = mx::where(mx::less(upper, mx::array(1e9f)), bisect,
-                    mx::where(success, c, mx::multiply(c, mx::array(10.0f))));
+        mx::eval(active);
+        return mx::any(active).item<bool>();
+      };
+      loop.run(done, state, ACTIVE, chunk, between);
+      bisect_c(state[RS], c, lower, upper);
       bl2 = state[BL2];
       bx = state[BX];
       bz = state[BZ];

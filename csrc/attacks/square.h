@@ -8,7 +8,9 @@
 #include <mutex>
 #include <vector>
 
-#include "attack.h"
+#include "core/engine.h"
+#include "core/scoring.h"
+#include "core/geometry.h"
 
 namespace mlx_robust {
 
@@ -103,7 +105,7 @@ struct SquareOutput {
  */
 class SquareEngine : public CompiledEngine {
  public:
-  SquareEngine() : CompiledEngine(2) {}
+  SquareEngine() : CompiledEngine(0x5351554152450000ull, 2) {}  // "SQUARE"
 
   SquareOutput run(
       const ForwardFn& forward,
@@ -119,13 +121,7 @@ class SquareEngine : public CompiledEngine {
       const std::optional<mx::array>& rows = std::nullopt);
 
  private:
-  // Distinct from AttackEngine's ids at the same address only by the constants' tag.
-  std::uintptr_t init_id() const {
-    return id(0);
-  }
-  std::uintptr_t step_id() const {
-    return id(1);
-  }
+  enum Kind : int { kInit = 0, kStep = 1 };  // compile_step kinds
 };
 
 } // namespace mlx_robust

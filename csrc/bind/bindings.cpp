@@ -7,9 +7,9 @@
 
 #include <chrono>
 
-#include "attack.h"
-#include "bind_util.h"
-#include "project.h"
+#include "attacks/pgd.h"
+#include "bind/util.h"
+#include "core/geometry.h"
 #include "validate.h"
 
 namespace nb = nanobind;

@@ -7,11 +7,11 @@
 
 #include <cmath>
 
-#include "apgd.h"
-#include "bind_util.h"
-#include "attack.h"
-#include "cw.h"
-#include "project.h"
+#include "attacks/apgd.h"
+#include "bind/util.h"
+#include "attacks/pgd.h"
+#include "attacks/cw.h"
+#include "core/geometry.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -39,11 +39,7 @@ void init_suite(nb::module_& m) {
              const mx::array& key, const std::optional<mx::array>& rows) {
             require_callable(forward, "apgd");
             ApgdConfig cfg;
-            try {
-              cfg.norm = parse_norm(norm);
-            } catch (const std::invalid_argument&) {
-              throw std::invalid_argument("[apgd] norm must be 'linf' or 'l2', got '" + norm + "'");
-            }
+            cfg.norm = parse_norm(norm, "apgd");
             cfg.loss = parse_apgd_loss(loss);
             cfg.steps = steps;
             cfg.restarts = restarts;

@@ -1,4 +1,4 @@
-#include "stats.h"
+#include "defences/stats.h"
 
 #include <algorithm>
 #include <cmath>

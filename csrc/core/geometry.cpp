@@ -1,18 +1,20 @@
-#include "project.h"
+#include "core/geometry.h"
 
 #include <stdexcept>
 #include <string>
 
+#include "core/errors.h"
+
 namespace mlx_robust {
 
-Norm parse_norm(const std::string& norm) {
+Norm parse_norm(const std::string& norm, const char* tag) {
   if (norm == "linf" || norm == "inf" || norm == "Linf") {
     return Norm::Linf;
   }
   if (norm == "l2" || norm == "L2") {
     return Norm::L2;
   }
-  throw std::invalid_argument("[attack] norm must be 'linf' or 'l2', got '" + norm + "'");
+  fail(tag, "norm", "must be 'linf' or 'l2'", "'" + norm + "'");
 }
 
 static std::vector<int> feature_axes(int ndim) {

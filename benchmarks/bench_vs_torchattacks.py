@@ -16,8 +16,18 @@ For each model, batch (default 128 and 512) and step count (default 10 and 40) i
                  mx.eval of its x_adv: the same steps on every sample, plus the forward on x_adv
                  that gives per-sample success (torchattacks does not score x_adv)
 
+  plain loop     the loop a user writes in ten lines: one PGD step under mx.compile (the model's
+                 state as compile inputs), called `steps` times with mx.async_eval, then one
+                 forward on x_adv (the library's result includes that forward); the column
+                 "plain+fwd" is their sum, the bound issue 16 holds the library to (<= 1.05x)
+  naive loop     the same step without mx.compile, mx.eval every step
+  autocast       (--autocast) torchattacks under torch.autocast(bfloat16): PyTorch's mixed precision
+
 and, to show what bounds each framework, each model's own forward+backward (gradient w.r.t. the
-input) at that batch. Both frameworks run in float32 with their default kernel settings (PyTorch:
+input) at that batch. --compute-dtype bfloat16 runs the MLX plain loop on a bfloat16 copy of the
+weights and the library with RobustModel(..., compute_dtype=...). --no-fast-pool turns off the
+library's max-pooling rewrite (the CNN then runs the same graph as the plain loop).
+Both frameworks run in float32 with their default kernel settings (PyTorch:
 cuDNN with TF32 convolutions allowed, the default; MLX: its CUDA backend's defaults). Weights are
 random (timing does not depend on them).
 
@@ -35,6 +45,7 @@ import argparse
 import json
 import subprocess
 import sys
+from functools import partial
 
 from _common import median_time
 
@@ -93,12 +104,50 @@ def mlx_models():
     }
 
 
-def run_mlx(args) -> None:
+def plain_loops(model, x, y, eps, alpha, steps, dtype=None):
+    """The two user-written baselines: (compiled loop with async_eval, forward on x_adv, naive loop)."""
     import mlx.core as mx
     import mlx.nn as nn
 
+    def loss(xa):
+        xa = xa if dtype is None else xa.astype(dtype)
+        return nn.losses.cross_entropy(model(xa).astype(mx.float32), y, reduction="sum")
+
+    def one_step(xa, x0):
+        g = mx.grad(loss)(xa)
+        xa = xa + alpha * mx.sign(g)
+        return mx.clip(mx.clip(xa - x0, -eps, eps) + x0, 0.0, 1.0)
+
+    step = partial(mx.compile, inputs=model.state)(one_step)
+
+    def compiled():
+        xa = x
+        for _ in range(steps):
+            xa = step(xa, x)
+            mx.async_eval(xa)
+        mx.eval(xa)
+        return xa
+
+    def naive():
+        xa = x
+        for _ in range(steps):
+            xa = one_step(xa, x)
+            mx.eval(xa)
+        return xa
+
+    return compiled, naive
+
+
+def run_mlx(args) -> None:
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_map
+
     import mlx_robust as mr
 
+    if args.no_fast_pool:
+        mr.set_fast_pooling(False)
+    dtype = getattr(mx, args.compute_dtype) if args.compute_dtype else None
     builders = mlx_models()
     info = mx.device_info() if hasattr(mx, "device_info") else {}
     print(json.dumps({"framework": "mlx", "version": f"mlx {mx.__version__}, mlx-robust {mr.__version__}",
@@ -114,14 +163,25 @@ def run_mlx(args) -> None:
             mx.eval(x, y)
             grad = mx.grad(lambda x: nn.losses.cross_entropy(model(x), y, reduction="sum"))
             fb = median_time(lambda: mx.eval(grad(x)), args.reps * 2)
-            robust = mr.RobustModel(model, bounds=(0.0, 1.0), input_shape=SHAPES[kind], num_classes=10)
+            extra = {} if dtype is None else {"compute_dtype": dtype}
+            robust = mr.RobustModel(model, bounds=(0.0, 1.0), input_shape=SHAPES[kind], num_classes=10, **extra)
+            lp = model
+            if dtype is not None:  # the plain loop's low-precision copy (the user's model stays float32)
+                lp = builders[kind]()
+                lp.eval()
+                lp.update(tree_map(lambda a: a.astype(dtype), model.parameters()))
+                mx.eval(lp.parameters())
+            fwd = median_time(lambda: mx.eval(model(x)), args.reps * 2)
             for steps in args.steps:
                 eps = EPS[kind]
-                attack = mr.PGD(eps=eps, steps=steps, step_size=2.5 * eps / steps, random_start=False,
-                                early_stop=False)
+                alpha = 2.5 * eps / steps
+                attack = mr.PGD(eps=eps, steps=steps, step_size=alpha, random_start=False, early_stop=False)
+                compiled, naive = plain_loops(lp, x, y, eps, alpha, steps, dtype)
+                t_plain = median_time(compiled, args.reps)
+                t_naive = median_time(naive, max(1, args.reps // 2))
                 t = median_time(lambda: mx.eval(robust.attack(x, y, attack, key=mr.key(0)).x_adv), args.reps)
                 print(json.dumps({"framework": "mlx", "model": kind, "batch": batch, "steps": steps,
-                                  "fwd_bwd": fb, "attack": t,
+                                  "fwd_bwd": fb, "attack": t, "plain": t_plain, "fwd": fwd, "naive": t_naive,
                                   "unroll": robust._fn.chosen_unroll((batch, *SHAPES[kind]))}), flush=True)
             mx.clear_cache()
 
@@ -225,8 +285,16 @@ def run_torch(args) -> None:
                     sync()
 
                 t = median_time(attack, args.reps)
-                print(json.dumps({"framework": "torch", "model": kind, "batch": batch, "steps": steps,
-                                  "fwd_bwd": fb, "attack": t}), flush=True)
+                row = {"framework": "torch", "model": kind, "batch": batch, "steps": steps, "fwd_bwd": fb,
+                       "attack": t}
+                if args.autocast and dev.type == "cuda":
+                    def attack_amp():
+                        with torch.autocast("cuda", dtype=torch.bfloat16):
+                            atk(x, y)
+                        sync()
+
+                    row["autocast"] = median_time(attack_amp, args.reps)
+                print(json.dumps(row), flush=True)
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
 
@@ -250,6 +318,10 @@ def main() -> None:
     parser.add_argument("--batch", nargs="+", type=int, default=[128, 512])
     parser.add_argument("--steps", nargs="+", type=int, default=[10, 40])
     parser.add_argument("--reps", type=int, default=10, help="timed repetitions (median reported)")
+    parser.add_argument("--compute-dtype", choices=["bfloat16", "float16"], default=None,
+                        help="MLX side: low-precision compute (plain loop on a cast copy, the library's compute_dtype)")
+    parser.add_argument("--autocast", action="store_true", help="also time torchattacks under torch.autocast(bfloat16)")
+    parser.add_argument("--no-fast-pool", action="store_true", help="turn off the library's max-pooling rewrite")
     args = parser.parse_args()
     if args.framework == "mlx":
         return run_mlx(args)
@@ -258,20 +330,28 @@ def main() -> None:
 
     argv = ["--models", *args.models, "--batch", *map(str, args.batch), "--steps", *map(str, args.steps),
             "--reps", str(args.reps)]
+    argv += (["--compute-dtype", args.compute_dtype] if args.compute_dtype else [])
+    argv += (["--autocast"] if args.autocast else []) + (["--no-fast-pool"] if args.no_fast_pool else [])
     results = {fw: collect(fw, argv) for fw in ("torch", "mlx")}
     for fw, rows in results.items():
         print(f"{fw}: {rows[0]['version']} on {rows[0]['device']}")
-    print(f"PGD L-inf, no random start, every step run; median of {args.reps}\n")
-    print("| model | batch | PGD | torch fwd+bwd ms | MLX fwd+bwd ms | torchattacks ms | mlx-robust ms "
-          "| speedup (torchattacks / mlx-robust) | unroll |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"PGD L-inf, no random start, every step run; median of {args.reps}; MLX compute dtype "
+          f"{args.compute_dtype or 'float32'}; fast pooling {'off' if args.no_fast_pool else 'on'}\n")
+    amp = " torchattacks autocast ms |" if args.autocast else ""
+    print("| model | batch | PGD | torch fwd+bwd ms | MLX fwd+bwd ms | torchattacks ms |" + amp +
+          " naive loop ms | plain compiled loop ms | plain+fwd ms | mlx-robust ms | lib / (plain+fwd) "
+          "| torchattacks / mlx-robust | unroll |")
+    print("|---" * (13 + bool(args.autocast)) + "|")
     key = lambda r: (r["model"], r["batch"], r["steps"])  # noqa: E731
     torch_rows = {key(r): r for r in results["torch"][1:]}
     for m in results["mlx"][1:]:
         t = torch_rows[key(m)]
+        ms = lambda v: f"{v * 1e3:.1f}"  # noqa: E731
+        bound = m["plain"] + m["fwd"]
+        amp_col = f" {ms(t['autocast'])} |" if args.autocast else ""
         print(f"| {m['model']} | {m['batch']} | {m['steps']} | {t['fwd_bwd'] * 1e3:.2f} | {m['fwd_bwd'] * 1e3:.2f} "
-              f"| {t['attack'] * 1e3:.1f} | {m['attack'] * 1e3:.1f} | {t['attack'] / m['attack']:.2f}x "
-              f"| {m['unroll']} |", flush=True)
+              f"| {ms(t['attack'])} |{amp_col} {ms(m['naive'])} | {ms(m['plain'])} | {ms(bound)} | {ms(m['attack'])} "
+              f"| {m['attack'] / bound:.2f} | {t['attack'] / m['attack']:.2f}x | {m['unroll']} |", flush=True)
 
 
 if __name__ == "__main__":
